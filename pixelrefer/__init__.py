@@ -1,0 +1,28 @@
+"""pixelrefer: PixelRefer and PixelRefer-Lite on transformers' VideoLLaMA3, as a workbench.
+
+Public entry points:
+    PixelReferConfig.from_preset(name)      `tiny`, `2b`, `7b`
+    PixelReferForConditionalGeneration(config)
+    PixelReferProcessor.from_preset(name)   prompts, images, videos, masks → inputs
+    InputError                              every rejected input
+"""
+
+from transformers import AutoConfig
+
+from pixelrefer.config import PixelReferConfig
+from pixelrefer.errors import InputError
+from pixelrefer.modeling import PixelReferForConditionalGeneration, PixelReferModel
+from pixelrefer.processing import PixelReferProcessor, Video
+
+AutoConfig.register(PixelReferConfig.model_type, PixelReferConfig, exist_ok=True)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "InputError",
+    "PixelReferConfig",
+    "PixelReferForConditionalGeneration",
+    "PixelReferModel",
+    "PixelReferProcessor",
+    "Video",
+]

@@ -1,0 +1,92 @@
+"""Command line: `pixelrefer notebooks run [--preset …] [names…]`.
+
+Each command group registers its own subparser (`_add_notebooks`); `train`,
+`ask`, `convert` and `eval` will be added the same way. Exit codes: 0 success,
+1 a notebook failed, 2 usage error (help is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+
+class _Parser(argparse.ArgumentParser):
+    """Prints the full help, not just the usage line, on a usage error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_help(sys.stderr)
+        self.exit(2, f"\n{self.prog}: error: {message}\n")
+
+
+def _parse_parameter(text: str) -> tuple[str, Any]:
+    """`NAME=VALUE`, VALUE read as JSON when it parses (numbers, bools, lists), else as a string."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
+def _add_notebooks(commands: argparse._SubParsersAction) -> None:
+    from pixelrefer.notebook import PRESETS
+
+    notebooks = commands.add_parser("notebooks", help="execute the workbench notebooks")
+    actions = notebooks.add_subparsers(dest="action", parser_class=_Parser)
+    run = actions.add_parser("run", help="run notebooks with papermill into a new run folder")
+    run.add_argument("names", nargs="*", help="notebook stems or prefixes (default: all)")
+    run.add_argument("--preset", choices=sorted(PRESETS), default="teaching")
+    run.add_argument("--out", default="runs", help="folder that receives the run folder (default: runs)")
+    run.add_argument("--notebook-dir", default=None, help="source notebooks (default: the repo's notebooks/)")
+    run.add_argument(
+        "-p", "--parameter", action="append", type=_parse_parameter, default=[], metavar="NAME=VALUE",
+        help="override a notebook parameter (repeatable)",
+    )
+    run.set_defaults(handler=_notebooks_run)
+    notebooks.set_defaults(handler=lambda args: _usage(notebooks))
+
+
+def _notebooks_run(args: argparse.Namespace) -> int:
+    from pixelrefer.notebook import notebook_status, run_notebooks
+
+    try:
+        run_dir = run_notebooks(
+            args.names or None, args.preset, args.out, dict(args.parameter),
+            notebook_dir=args.notebook_dir, keep_going=True,
+        )
+    except ValueError as exc:  # no notebooks, unknown name: a usage error
+        print(f"pixelrefer notebooks run: error: {exc}", file=sys.stderr)
+        return 2
+    status = notebook_status(run_dir)
+    failed = [stem for stem, s in status.items() if s != "ok"]
+    summary = f"{len(status) - len(failed)}/{len(status)} notebooks ok"
+    if failed:
+        summary += f", failed: {', '.join(failed)}"
+    print(f"{run_dir}: {summary}")
+    return 1 if failed else 0
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pixelrefer", description="PixelRefer workbench")
+    commands = parser.add_subparsers(dest="command", parser_class=_Parser)
+    _add_notebooks(commands)
+    parser.set_defaults(handler=lambda args: _usage(parser))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,180 @@
+"""Both frameworks end to end on the tiny preset: forward, backward, generate, save/load, batching."""
+
+import pytest
+import torch
+
+from pixelrefer import PixelReferConfig, PixelReferForConditionalGeneration
+from tests.conftest import build
+
+PROMPT = "What is the category of <region>?"
+
+
+def image_inputs(processor, scene, answer=None):
+    image, masks = scene
+    text = [{"role": "user", "content": "Compare <region> and <region>."}]
+    if answer:
+        text.append({"role": "assistant", "content": answer})
+    return processor(text=text, images=image, masks=[masks["square"], masks["speck"]])
+
+
+def video_inputs(processor, video, answer=None):
+    frames, masks = video
+    text = [{"role": "user", "content": "What does <object0><region> do next to <object1><region>?"}]
+    if answer:
+        text.append({"role": "assistant", "content": answer})
+    return processor(text=text, videos=frames, masks=[masks["disc"], masks["square"]])
+
+
+@pytest.mark.parametrize("modality", ["image", "video"])
+def test_forward_backward_reaches_every_trainable_parameter(tiny, scene, video, modality):
+    model, processor = tiny
+    model.train()
+    inputs = (image_inputs if modality == "image" else video_inputs)(
+        processor, scene if modality == "image" else video, answer="red square left of it"
+    )
+    model.zero_grad()
+    out = model(**inputs)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing = [n for n, p in trainable.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"no gradient for {missing}"
+    assert not any(n.startswith("model.vision_model") for n in trainable), "vision encoder must be frozen"
+    if modality == "image" and not model.config.is_lite:
+        assert any(n.startswith("model.projector") for n in trainable)
+    model.eval()
+
+
+def test_object_tokens_land_in_region_slots(tiny, scene):
+    model, processor = tiny
+    inputs = image_inputs(processor, scene)
+    captured = {}
+
+    def hook(module, args, kwargs):
+        captured["embeds"] = kwargs["inputs_embeds"]
+
+    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    with torch.no_grad():
+        out = model(**inputs)
+    handle.remove()
+    slots = inputs["input_ids"][0] == model.config.region_token_id
+    objects = out.object_outputs
+    torch.testing.assert_close(captured["embeds"][0][slots], objects.tokens.flatten(0, 1))
+
+
+def test_slot_count_mismatch_is_a_clear_error(tiny, scene):
+    model, processor = tiny
+    inputs = dict(image_inputs(processor, scene))
+    ids = inputs["input_ids"].clone()
+    ids[0, (ids[0] == model.config.region_token_id).nonzero()[0]] = processor.tokenizer.pad_token_id
+    inputs["input_ids"] = ids
+    with pytest.raises(ValueError, match="object tokens and <REGION> slots do not match"):
+        model(**inputs)
+
+
+def test_generate_returns_tokens(tiny, scene, video):
+    model, processor = tiny
+    for inputs in (image_inputs(processor, scene), video_inputs(processor, video)):
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        assert out.shape[0] == 1 and out.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_generate_with_cache_matches_full_forward(tiny, scene):
+    model, processor = tiny
+    inputs = image_inputs(processor, scene)
+    generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    ids = generated
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(ids[:, inputs["input_ids"].shape[1]:])], dim=1)
+    full = dict(inputs, input_ids=ids, attention_mask=mask)
+    with torch.no_grad():
+        logits = model(**full).logits
+    start = inputs["input_ids"].shape[1]
+    assert torch.equal(logits[0, start - 1 : -1].argmax(-1), ids[0, start:])
+
+
+def test_save_and_load_round_trip_gives_identical_logits(tiny, scene, tmp_path):
+    model, processor = tiny
+    inputs = image_inputs(processor, scene)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    again = PixelReferForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert isinstance(again.config, PixelReferConfig) and again.config.framework == model.config.framework
+    with torch.no_grad():
+        torch.testing.assert_close(again(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+
+
+def test_batched_equals_one_by_one(tiny, scene):
+    model, processor = tiny
+    image, masks = scene
+    texts = [PROMPT, "Compare <region> and <region>."]
+    sample_masks = [[masks["disc"]], [masks["square"], masks["speck"]]]
+    batch = processor(text=texts, images=[image, image], masks=sample_masks)
+    with torch.no_grad():
+        batch_logits = model(**batch).logits
+        for b in range(2):
+            single = processor(text=texts[b], images=image, masks=sample_masks[b])
+            logits = model(**single).logits[0]
+            n = logits.shape[0]
+            real = single["attention_mask"][0].bool()
+            torch.testing.assert_close(batch_logits[b, -n:][real], logits[real], atol=2e-5, rtol=1e-4)
+
+
+def test_eager_and_sdpa_agree(scene):
+    outputs = []
+    for implementation in ("eager", "sdpa"):
+        model, processor = build("vision_object")
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            outputs.append(model(**image_inputs(processor, scene)).logits)
+    torch.testing.assert_close(outputs[0], outputs[1], atol=2e-5, rtol=1e-4)
+
+
+def test_lite_rejects_global_vision_tokens(scene):
+    model, processor = build("object_only")
+    _, vo_processor = build("vision_object")
+    inputs = dict(image_inputs(processor, scene))
+    vo = image_inputs(vo_processor, scene)
+    inputs.update(pixel_values=vo["pixel_values"], image_grid_thw=vo["image_grid_thw"])
+    with pytest.raises(ValueError, match="no global vision tokens"):
+        model(**inputs)
+
+
+def test_lite_objects_on_one_image_use_their_own_local_crops(scene):
+    model, processor = build("object_only")
+    inputs = image_inputs(processor, scene)
+    with torch.no_grad():
+        base = model(**inputs).object_outputs.tokens
+        perturbed = dict(inputs)
+        local = inputs["region_local_pixel_values"].clone()
+        per_object = local.shape[0] // 2
+        local[per_object:] += 1.0  # only the second object's local crop
+        perturbed["region_local_pixel_values"] = local
+        changed = model(**perturbed).object_outputs.tokens
+    torch.testing.assert_close(changed[0], base[0])
+    assert not torch.allclose(changed[1], base[1])
+
+
+def test_mask_pooling_variant_runs(scene):
+    model, processor = build("vision_object", object_tokenizer="mask_pooling")
+    inputs = image_inputs(processor, scene, answer="red")
+    assert (inputs["input_ids"] == model.config.region_token_id).sum() == 2
+    out = model(**inputs)
+    assert out.object_outputs.tokens.shape[:2] == (2, 1) and torch.isfinite(out.loss)
+
+
+def test_processor_model_config_mismatch_is_detected(scene):
+    model, _ = build("vision_object")
+    _, other = build("vision_object", num_object_tokens=6)
+    with pytest.raises(ValueError, match="disagree|do not match"):
+        model(**image_inputs(other, scene))
+
+
+@pytest.mark.parametrize("name, vision, llm", [("2b", 1152, 1536), ("7b", 1152, 3584)])
+def test_published_shapes(name, vision, llm):
+    config = PixelReferConfig.from_preset(name)
+    assert config.vision_config.hidden_size == vision and config.vision_config.patch_size == 14
+    assert config.text_config.hidden_size == llm and config.text_config.num_hidden_layers == 28
+    assert config.num_object_tokens == 32 and config.patch_area == 196
+    lite = PixelReferConfig.from_preset(name, framework="object_only")
+    assert (config.downscale_threshold, lite.downscale_threshold) == (100, 50)
+    assert (config.kmeans_iterations, lite.kmeans_iterations) == (5, 3)
