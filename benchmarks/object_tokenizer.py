@@ -16,6 +16,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -33,6 +34,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--foreground", type=float, default=0.6, help="fraction of foreground cells")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     parser.add_argument(
         "--skip-reference-above", type=int, default=None,
         help="skip the slow loop above this many objects (default: 32 on CPU, never on CUDA)",
@@ -62,52 +64,58 @@ def make_inputs(num_objects: int, args: argparse.Namespace) -> tuple[torch.Tenso
     )
 
 
-def median_ms(fn, args: argparse.Namespace) -> float:
-    """Median wall time of `fn` in milliseconds, synchronising the GPU around each call."""
+def median_ms(fns: dict[str, Callable[[], object]], args: argparse.Namespace) -> dict[str, float]:
+    """Median wall time of each function in milliseconds.
+
+    The functions take turns within every repeat, so that load from other
+    processes on a shared machine hits all of them alike.
+    """
     synchronize = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for step in range(args.warmup + args.repeats):
-        synchronize()
-        start = time.perf_counter()
-        fn()
-        synchronize()
-        if step >= args.warmup:
-            times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
+        for name, fn in fns.items():
+            synchronize()
+            start = time.perf_counter()
+            fn()
+            synchronize()
+            if step >= args.warmup:
+                times[name].append(1000 * (time.perf_counter() - start))
+    return {f"{name}_ms": statistics.median(values) for name, values in times.items()}
 
 
 def run_one(tokenizer: ObjectTokenizer, num_objects: int, args: argparse.Namespace) -> dict:
     inputs = make_inputs(num_objects, args)
     ours = tokenizer(*inputs)
-    times = {
-        "ours_ms": median_ms(lambda: tokenizer(*inputs), args),
-        "ours_aggregate_ms": median_ms(lambda: tokenizer.aggregate(*inputs), args),
+    fns = {
+        "ours": lambda: tokenizer(*inputs),
+        "ours_aggregate": lambda: tokenizer.aggregate(*inputs),
         # Both paths run the same MLP on the N·K tokens: a floor that batching cannot remove.
-        "mlp_ms": median_ms(lambda: tokenizer.project(ours.aggregated.features), args),
+        "mlp": lambda: tokenizer.project(ours.aggregated.features),
     }
     row = {"objects": num_objects, "cells": inputs[0].shape[0], "foreground_cells": int(inputs[2].sum())}
-    if args.skip_reference_above is not None and num_objects > args.skip_reference_above:
-        return row | {key: round(value, 3) for key, value in times.items()}
-
-    def reference(project: bool) -> list[torch.Tensor]:
-        return object_tokenizer_reference(tokenizer, *inputs, project=project)
-
-    times["reference_ms"] = median_ms(lambda: reference(True), args)
-    times["reference_aggregate_ms"] = median_ms(lambda: reference(False), args)
-    times["speedup"] = times["reference_ms"] / times["ours_ms"]
-    times["aggregate_speedup"] = times["reference_aggregate_ms"] / times["ours_aggregate_ms"]
-    diff = max((ours.tokens[n, : t.shape[0]] - t).abs().max().item() for n, t in enumerate(reference(True)))
-    return row | {key: round(value, 3) for key, value in times.items()} | {"max_abs_diff": diff}
+    run_reference = args.skip_reference_above is None or num_objects <= args.skip_reference_above
+    if run_reference:
+        fns["reference"] = lambda: object_tokenizer_reference(tokenizer, *inputs)
+        fns["reference_aggregate"] = lambda: object_tokenizer_reference(tokenizer, *inputs, project=False)
+    times = median_ms(fns, args)
+    if run_reference:
+        times["speedup"] = times["reference_ms"] / times["ours_ms"]
+        times["aggregate_speedup"] = times["reference_aggregate_ms"] / times["ours_aggregate_ms"]
+        expected = object_tokenizer_reference(tokenizer, *inputs)
+        row["max_abs_diff"] = max((ours.tokens[n, : t.shape[0]] - t).abs().max().item() for n, t in enumerate(expected))
+    return row | {key: round(value, 3) for key, value in times.items()}
 
 
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    return platform.processor() or platform.machine()
 
 
 def main() -> None:
     args = parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     tokenizer = ObjectTokenizer(VISION_DIM, LLM_DIM, NUM_TOKENS, kmeans_iterations=ITERATIONS)
     tokenizer = tokenizer.to(args.device, getattr(torch, args.dtype)).eval()
@@ -119,6 +127,7 @@ def main() -> None:
         "device": args.device,
         "device_name": device_name(args.device),
         "dtype": args.dtype,
+        "cpu_threads": torch.get_num_threads(),
         "shape": {"vision_dim": VISION_DIM, "llm_dim": LLM_DIM, "num_tokens": NUM_TOKENS,
                   "kmeans_iterations": ITERATIONS, "crop_side": [12, 16], "foreground": args.foreground},
         "repeats": args.repeats,

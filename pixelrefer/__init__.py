@@ -12,6 +12,8 @@ from transformers import AutoConfig
 from pixelrefer.config import PixelReferConfig
 from pixelrefer.errors import InputError
 from pixelrefer.modeling import PixelReferForConditionalGeneration, PixelReferModel
+from pixelrefer.inference import Answer, ask, load
+from pixelrefer.presets import preset_names
 from pixelrefer.processing import PixelReferProcessor, Video
 
 AutoConfig.register(PixelReferConfig.model_type, PixelReferConfig, exist_ok=True)
@@ -19,10 +21,14 @@ AutoConfig.register(PixelReferConfig.model_type, PixelReferConfig, exist_ok=True
 __version__ = "0.1.0"
 
 __all__ = [
+    "Answer",
     "InputError",
     "PixelReferConfig",
     "PixelReferForConditionalGeneration",
     "PixelReferModel",
     "PixelReferProcessor",
     "Video",
+    "ask",
+    "load",
+    "preset_names",
 ]

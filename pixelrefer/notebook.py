@@ -63,7 +63,7 @@ RECORDS: dict[str, Any] = {}
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "smoke": {"common": {"DEVICE": "cpu", "SEED": 0}},
     "teaching": {"common": {"DEVICE": "cpu", "SEED": 0}},
-    "paper": {"common": {"DEVICE": "cuda", "SEED": 0}},
+    "paper": {"common": {"DEVICE": "cuda", "SEED": 0}, "00_quickstart": {"MODEL": "2b", "DTYPE": "bfloat16"}},
 }
 
 

@@ -327,8 +327,7 @@ class ObjectCrop:
         positions: float32 (gh, gw, 2) Eq. 4 (x, y) coordinates of each cell.
         box: padded crop box in original pixels (x0, y0, x1, y1), exclusive.
         mask_box: tight box of the mask, same convention.
-        scale: Eq. 2 scale after the max_scale cap (the pixel budget may shrink
-            the crop further).
+        scale: Eq. 2 scale after the max_scale cap.
         area: foreground pixels of the full mask.
     """
 
@@ -344,6 +343,13 @@ class ObjectCrop:
     def grid(self) -> tuple[int, int]:
         """Patch grid (gh, gw) of the crop."""
         return self.cell_mask.shape
+
+    @property
+    def applied_scale(self) -> float:
+        """Scale actually applied: `scale` after rounding to whole patches and the crop-pixel budget."""
+        x0, y0, x1, y1 = self.box
+        h, w = self.pixels.shape[:2]
+        return float(np.sqrt(h * w / ((y1 - y0) * (x1 - x0))))
 
 
 def crop_object(

@@ -178,3 +178,21 @@ def test_published_shapes(name, vision, llm):
     lite = PixelReferConfig.from_preset(name, framework="object_only")
     assert (config.downscale_threshold, lite.downscale_threshold) == (100, 50)
     assert (config.kmeans_iterations, lite.kmeans_iterations) == (5, 3)
+
+
+def test_load_preset_warns_and_checkpoint_round_trips(tmp_path, scene):
+    import pixelrefer
+
+    with pytest.warns(UserWarning, match="random weights"):
+        model, processor = pixelrefer.load("tiny", framework="object_only", num_object_tokens=4)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    again, again_processor = pixelrefer.load(tmp_path)
+    image, masks = scene
+    a = pixelrefer.ask(model, processor, PROMPT, image=image, masks=[masks["disc"]], max_new_tokens=3)
+    b = pixelrefer.ask(again, again_processor, PROMPT, image=image, masks=[masks["disc"]], max_new_tokens=3)
+    assert torch.equal(a.token_ids, b.token_ids) and again.config.is_lite
+    with pytest.raises(ValueError, match="neither a preset"):
+        pixelrefer.load(tmp_path / "missing")
+    with pytest.raises(ValueError, match="apply to presets"):
+        pixelrefer.load(tmp_path, framework="vision_object")

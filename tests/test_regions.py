@@ -286,3 +286,13 @@ def test_crop_object_rejects_bad_inputs():
         regions.crop_object(image, mask[:10], **kwargs)
     with pytest.raises(InputError, match="mask must be bool"):
         regions.crop_object(image, mask.astype(np.uint8), **kwargs)
+
+
+def test_applied_scale_reports_the_crop_budget():
+    image = np.zeros((96, 128, 3), np.uint8)
+    mask = np.zeros((96, 128), bool)
+    mask[85, 20:23] = True
+    crop = regions.crop_object(image, mask, patch=14, num_tokens=32, downscale_threshold=100, max_crop_pixels=112 * 112)
+    assert crop.scale == 8.0
+    assert crop.pixels.shape[0] * crop.pixels.shape[1] <= 112 * 112
+    assert 1.0 < crop.applied_scale < 4.0

@@ -134,14 +134,14 @@ def pack_foreground(
     N, width = counts.numel(), _padded_width(counts, max_cells)
     first_fg = counts.cumsum(0) - counts  # (N,) foreground cells before each object
     rank = cell_mask.long().cumsum(0) - 1 - first_fg[object_id]  # (P,) slot within the object
-    # Background cells all go to one extra trash slot that is dropped afterwards.
-    slot = torch.where(cell_mask, object_id * width + rank, N * width)
+    # Background cells all go to one extra trash slot, dropped afterwards;
+    # padding slots are never written and stay zero.
+    slot = torch.where(cell_mask, object_id * width + rank, N * width)  # (P,)
     cell_index = torch.full((N * width + 1,), -1, dtype=torch.long, device=cell_features.device)
-    cell_index = cell_index.index_put((slot,), torch.arange(P, device=cell_features.device))
+    cell_index = cell_index.index_put_((slot,), torch.arange(P, device=cell_features.device))
+    cells = cell_features.new_zeros(N * width + 1, C).index_put_((slot,), cell_features)
     cell_index = cell_index[:-1].view(N, width)  # (N, P_max)
-    # Index −1 reads the appended zero row, so padding slots come out zero.
-    cells = torch.cat([cell_features, cell_features.new_zeros(1, C)])[cell_index]  # (N, P_max, C)
-    return cells, cell_index >= 0, cell_index
+    return cells[:-1].view(N, width, C), cell_index >= 0, cell_index
 
 
 class ObjectTokenizer(nn.Module):

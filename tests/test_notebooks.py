@@ -1,0 +1,50 @@
+"""Every notebook in notebooks/ runs headless under papermill (smoke preset); recorded numbers are checked."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pixelrefer.notebook import read_records, run_notebooks
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+pytestmark = pytest.mark.notebooks
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    return run_notebooks(None, "smoke", out_root=tmp_path_factory.mktemp("runs"))
+
+
+def test_every_notebook_is_committed_without_outputs():
+    for path in sorted(NOTEBOOKS.glob("*.ipynb")):
+        cells = json.loads(path.read_text())["cells"]
+        dirty = [i for i, c in enumerate(cells) if c["cell_type"] == "code" and (c["outputs"] or c["execution_count"])]
+        assert not dirty, f"{path.name}: cells {dirty} carry outputs"
+        tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+        assert len(tagged) == 1, f"{path.name}: needs exactly one cell tagged 'parameters'"
+
+
+def test_smoke_run_writes_results_for_every_notebook(smoke_run):
+    results = json.loads((smoke_run / "results.json").read_text())
+    assert set(results) == {p.stem for p in NOTEBOOKS.glob("*.ipynb")}
+    assert (smoke_run / "index.html").exists() and (smoke_run / "provenance.json").exists()
+
+
+def test_quickstart_records(smoke_run):
+    records = read_records(smoke_run / "00_quickstart.records.jsonl")
+    assert records["logits_finite"] is True
+    n = records["object_tokens_shape"][1]
+    assert records["object_tokens_shape"][0] == 2
+    groups = records["token_groups"]
+    assert groups["object"] == 2 * n
+    if records["framework"] == "vision_object":
+        assert groups["vision"] > 0
+    else:
+        assert "vision" not in groups
+    small, large = records["crop_scales"][1], records["crop_scales"][0]
+    assert small >= 2.0 and large <= 1.0, "Eq. 2 upscales the speck and does not upscale the square"
+    assert records["valid_tokens_per_object"][1] >= 1
+    assert records["answer_tokens"] >= 1
+    assert (smoke_run / "00_quickstart" / "crops.png").stat().st_size > 0
