@@ -45,6 +45,10 @@ class PixelReferConfig(VideoLlama3Config):
             global image fed to OCI (224 / 336 in the release).
         oci_num_heads: attention heads of both OCI blocks.
         oci_use_local / oci_use_global: Table 9 ablation switches.
+        video_merge_size: spatial downsampling of video frame tokens (2×2 in VideoLLaMA3).
+        video_compression_threshold: VideoLLaMA3's frame-difference pruning of
+            video tokens (mean |Δpixel|·255 of a merged token vs. the previous
+            frame); None keeps every token.
         freeze_vision_encoder: the paper trains with the encoder frozen.
         release_swapped_position_axes: reproduce the release's box read as
             (x0, y0, x1, y1) while stored as (top, left, bottom, right).
@@ -75,6 +79,7 @@ class PixelReferConfig(VideoLlama3Config):
     image_min_pixels: int = 56 * 56
     image_max_pixels: int = 14 * 14 * 4 * 1280
     video_merge_size: int = 2
+    video_compression_threshold: float | None = 0.1
     freeze_vision_encoder: bool = True
     release_swapped_position_axes: bool = False
     release_variable_token_count: bool = False

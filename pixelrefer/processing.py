@@ -7,7 +7,8 @@ Notable:
   becomes `[` + `<REGION>`×k + `]` (one unit per object, or per object-frame
   in a video; Lite writes `Time t:` before each video unit).
 - Vision-Object prompts get `<image>` (or per-frame `<video>`) tokens, one per
-  vision token; Object-Only prompts carry no global vision tokens at all.
+  vision token (video tokens pruned by frame difference, as VideoLLaMA3
+  does); Object-Only prompts carry no global vision tokens at all.
 - Every object becomes an `ObjectCrop` (regions.py: Eq. 2 scaling, contextual
   padding, cell mask, Eq. 4 positions); all crops of a batch are packed
   NaViT-style, so the model encodes them in one vision-encoder call.
@@ -131,6 +132,20 @@ def patchify(image: np.ndarray, patch: int, merge: int = 1) -> np.ndarray:
     x = x.reshape(c, gh // merge, merge, patch, gw // merge, merge, patch)
     x = x.transpose(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m, m, 3, p, p)
     return x.reshape(gh * gw, c * patch * patch)
+
+
+def frame_difference_mask(pixels: np.ndarray, frames: int, merge: int, threshold: float) -> np.ndarray:
+    """VideoLLaMA3's token pruning: keep a merged token only where it changed since the previous frame.
+
+    pixels: (T·gh·gw, 3·p·p) normalised patches, merge blocks contiguous. Returns (T, gh·gw/m²) bool;
+    the first frame is kept whole and every frame keeps at least one token.
+    """
+    tokens = pixels.reshape(frames, -1, merge * merge * pixels.shape[-1])  # (T, tokens, m²·3·p·p)
+    change = np.abs(np.diff(tokens, axis=0)).mean(-1) * 255  # (T-1, tokens)
+    keep = np.concatenate([np.ones_like(change[:1], dtype=bool), change > threshold])
+    empty = ~keep.any(1)
+    keep[empty, 0] = True
+    return keep
 
 
 def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -361,11 +376,15 @@ class PixelReferProcessor:
         )
         pixels = np.concatenate([patchify(resize_image(f, height, width), cfg.patch_size, merge) for f in frames])
         gh, gw = height // cfg.patch_size, width // cfg.patch_size
+        keep = np.ones((len(frames), gh * gw // merge**2), dtype=bool)
+        if is_video and cfg.video_compression_threshold is not None:
+            keep = frame_difference_mask(pixels, len(frames), merge, cfg.video_compression_threshold)
         return dict(
             pixel_values=pixels,
             grid_thw=[len(frames), gh, gw],
             merge_size=merge,
-            tokens_per_frame=[gh * gw // merge**2] * len(frames),
+            keep=keep,
+            tokens_per_frame=keep.sum(1).tolist(),
         )
 
     def _collate(self, samples) -> EncodedBatch:
@@ -394,6 +413,8 @@ class PixelReferProcessor:
                 data[f"pixel_values{key}"] = torch.from_numpy(np.concatenate([v["pixel_values"] for v in vision]))
                 data[f"{prefix}_grid_thw"] = torch.tensor([v["grid_thw"] for v in vision], dtype=torch.long)
                 data[f"{prefix}_merge_sizes"] = torch.tensor([v["merge_size"] for v in vision], dtype=torch.long)
+                if is_video:
+                    data["video_compression_mask"] = torch.from_numpy(np.concatenate([v["keep"].ravel() for v in vision]))
         data.update(self._region_inputs(samples))
         crops = [[crop for unit in s["units"] for _, crop in unit] for s in samples]
         return EncodedBatch(BatchFeature(data=data), spans, crops)

@@ -150,7 +150,7 @@ def test_video_units_per_object_and_frame(video, framework):
         assert inputs["region_global_index"].tolist() == [0, 1, 2]
     else:
         assert inputs["video_grid_thw"].tolist()[0][0] == 3
-        assert toks.count("<video>") == inputs["video_grid_thw"][0].prod() // 4
+        assert toks.count("<video>") == inputs["video_compression_mask"].sum() <= inputs["video_grid_thw"][0].prod() // 4
         assert "Time 1 . 0 s :" in text
 
 
@@ -230,3 +230,19 @@ def test_make_scene_is_deterministic():
     a, _ = make_scene(seed=3)
     b, _ = make_scene(seed=3)
     assert np.array_equal(a, b)
+
+
+def test_video_tokens_are_pruned_where_frames_do_not_change(video):
+    frames, masks = video
+    static = type(frames)([frames.frames[0]] * 3, timestamps=[0.0, 0.5, 1.0])
+    proc = processor()
+    full = proc(text="<region>", videos=static, masks=[{0: masks["square"][0]}])
+    per_frame = int(full["video_grid_thw"][0].prod()) // 4 // 3
+    keep = full["video_compression_mask"].view(3, per_frame)
+    assert keep[0].all() and keep[1:].sum(1).tolist() == [1, 1], "unchanged frames keep one token"
+    assert (full["input_ids"] == proc.config.video_token_id).sum() == per_frame + 2
+    moving = proc(text="<region>", videos=frames, masks=[masks["disc"]])
+    moved = moving["video_compression_mask"].view(3, per_frame)
+    assert 1 < moved[1].sum() < per_frame, "only the blocks the disc and noise touched are kept"
+    unpruned = processor(video_compression_threshold=None)(text="<region>", videos=static, masks=[{0: masks["square"][0]}])
+    assert unpruned["video_compression_mask"].all()
