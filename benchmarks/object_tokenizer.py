@@ -3,10 +3,15 @@
 The 2B shape (REFERENCE §9): crop grids of 12–16 cells a side, C = 1152,
 D = 1536, K = 32, 5 k-means iterations, ~60 % foreground cells, random
 features. Inference timing (eval mode, no autograd). Prints one JSON
-document: per object count, the median time of both paths, the speed-up and
-the largest difference between their tokens.
+document: per object count, the median time of both paths (`*_aggregate`:
+stopping before the MLP), of the MLP alone (the same work in both paths, so
+a floor for any speed-up), the speed-ups, and the largest difference
+between the two paths' tokens.
 
     python benchmarks/object_tokenizer.py --objects 1,8,32,128 --repeats 5
+
+On a CPU shared with other jobs, `--threads 1` avoids OpenMP threads
+stalling on each other and gives steadier numbers.
 """
 
 from __future__ import annotations

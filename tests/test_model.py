@@ -196,3 +196,37 @@ def test_load_preset_warns_and_checkpoint_round_trips(tmp_path, scene):
         pixelrefer.load(tmp_path / "missing")
     with pytest.raises(ValueError, match="apply to presets"):
         pixelrefer.load(tmp_path, framework="vision_object")
+
+
+@pytest.mark.parametrize("framework, calls", [("vision_object", 2), ("object_only", 1)])
+def test_vision_encoder_calls_per_forward(scene, framework, calls):
+    """All crops (and Lite's local crops and global image) share one packed call; VO adds the global image's."""
+    model, processor = build(framework)
+    seen = []
+    handle = model.model.vision_model.register_forward_hook(lambda m, a, k, out: seen.append(k["grid_thw"].shape[0]),
+                                                            with_kwargs=True)
+    with torch.no_grad():
+        model(**image_inputs(processor, scene))
+    handle.remove()
+    assert len(seen) == calls
+    packed = 2 if framework == "vision_object" else 2 + 2 + 1  # crops (+ local crops + one global image)
+    assert packed in seen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framework", ["vision_object", "object_only"])
+def test_published_2b_widths_run_forward_and_backward(scene, framework):
+    """The real 2B widths (1152-wide SigLIP-NaViT, 1536-wide Qwen2.5) with one layer each and a small vocabulary."""
+    model, processor = build(
+        framework,
+        vision_config=dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16, num_hidden_layers=1),
+        text_config=dict(hidden_size=1536, intermediate_size=8960, num_attention_heads=12, num_key_value_heads=2,
+                         num_hidden_layers=1, vocab_size=1024),
+        num_object_tokens=32,
+        oci_num_heads=8,
+    )
+    model.train()
+    out = model(**image_inputs(processor, scene, answer="red square"))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert out.object_outputs.tokens.shape == (2, 32, 1536)

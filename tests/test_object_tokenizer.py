@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from pixelrefer.modeling.kmeans import batched_kmeans, initial_indices, kmeans_reference
+from pixelrefer.modeling.kmeans import _cluster_sums, batched_kmeans, initial_indices, kmeans_reference
 from pixelrefer.modeling.object_tokenizer import MaskPooling, ObjectTokenizer, object_tokenizer_reference
 
 C, D, K = 16, 24, 4
@@ -75,6 +75,16 @@ def test_kmeans_is_deterministic_and_batch_invariant():
                            torch.nn.functional.pad(valid, (0, 10)), K, 5, seed=7)
     assert torch.equal(alone.centroids[0], first.centroids[1])
     assert torch.equal(wider.centroids, first.centroids)
+
+
+def test_cluster_sums_matmul_and_scatter_agree():
+    # The accelerator path (one-hot matmul) is exercised here on CPU.
+    points, valid = padded([20, 3, 9])
+    assignments = torch.randint(K, valid.shape, generator=torch.Generator().manual_seed(0))
+    scatter = _cluster_sums(points, assignments, valid, K, use_matmul=False)
+    matmul = _cluster_sums(points, assignments, valid, K, use_matmul=True)
+    assert_close(matmul, scatter, **TOL)
+    assert_close(scatter[1].sum((1, 2)), valid.sum(1).float(), atol=0, rtol=0)
 
 
 def test_initial_indices_pick_valid_points_only():

@@ -3,12 +3,15 @@
 Notable:
 - All objects are clustered in one call on a padded layout (N, P, C) with a
   validity mask (N, P); distances are ‖x‖² − 2x·c + ‖c‖² via one batched
-  matmul, centroid updates are a one-hot matmul, so nothing of size
-  (N, P, K, C) is ever built.
+  matmul and centroid sums are a one-hot matmul (accelerators) or a row
+  scatter-add (CPU), so nothing of size (N, P, K, C) is ever built.
 - Arithmetic runs in float32 (bf16/fp16 inputs are upcast, the centroids cast
   back at the end) so that argmin ties and means do not depend on precision.
 - The layout is left-packed (each object's valid points first), so the
   pass-through of a small object is a slice.
+- As in the release, only objects with more than K points are clustered
+  (with exactly K, k-means would merely permute them); the others keep
+  their points as tokens, in order.
 - The iteration loop has a fixed trip count and no host synchronisation:
   objects with ≤ K valid points are iterated like the others and their
   result is swapped for the pass-through with `torch.where`.
@@ -101,30 +104,34 @@ def _squared_distances(x: Tensor, x_sq: Tensor, centroids: Tensor) -> Tensor:
     return cross + x_sq[:, :, None]
 
 
-def _cluster_sums(x: Tensor, assignments: Tensor, valid_f: Tensor, num_clusters: int) -> tuple[Tensor, Tensor]:
+def _cluster_sums(
+    x: Tensor, assignments: Tensor, valid: Tensor, num_clusters: int, use_matmul: bool
+) -> tuple[Tensor, Tensor]:
     """Per-cluster sums (N, K, C) and counts (N, K, 1) of the valid points.
 
-    On accelerators a one-hot matmul: tensor cores, and deterministic where
-    atomic scatter-adds are not. On CPU a row scatter-add: N·P·C additions
-    instead of the matmul's N·P·K·C multiply-adds, and deterministic there.
+    `use_matmul` (accelerators): a one-hot matmul, on tensor cores, and
+    deterministic where atomic scatter-adds are not. Otherwise (CPU): a row
+    scatter-add, N·P·C additions instead of N·P·K·C multiply-adds, and
+    deterministic on CPU.
     """
     N, P, C = x.shape
     K = num_clusters
-    if x.device.type != "cpu":
-        one_hot = torch.nn.functional.one_hot(assignments, K).to(x.dtype) * valid_f[..., None]  # (N, P, K)
+    if use_matmul:
+        one_hot = torch.nn.functional.one_hot(assignments, K).to(x.dtype) * valid[..., None]  # (N, P, K)
         return one_hot.transpose(1, 2) @ x, one_hot.sum(1)[..., None]
     # Invalid points go to an extra trash row N·K, dropped afterwards.
-    row = torch.where(valid_f > 0, assignments + K * torch.arange(N, device=x.device)[:, None], N * K)
+    row = torch.where(valid, assignments + K * torch.arange(N, device=x.device)[:, None], N * K)  # (N, P)
     row = row.view(N * P)
-    sums = x.new_zeros(N * K + 1, C).index_add(0, row, x.reshape(N * P, C))[:-1]
+    sums = x.new_zeros(N * K + 1, C).index_add_(0, row, x.reshape(N * P, C))[:-1]
     counts = torch.bincount(row, minlength=N * K + 1)[:-1].to(x.dtype)
     return sums.view(N, K, C), counts.view(N, K, 1)
 
 
-def _lloyd_step(x: Tensor, x_sq: Tensor, valid_f: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
+def _lloyd_step(x: Tensor, x_sq: Tensor, valid: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
     """One assignment + update; a cluster that receives no point keeps its centroid."""
     assignments = _squared_distances(x, x_sq, centroids).argmin(-1)  # (N, P)
-    sums, counts = _cluster_sums(x, assignments, valid_f, centroids.shape[1])
+    use_matmul = x.device.type != "cpu"
+    sums, counts = _cluster_sums(x, assignments, valid, centroids.shape[1], use_matmul)
     means = sums / counts.clamp(min=1.0)
     return torch.where(counts > 0, means, centroids), assignments
 
@@ -157,19 +164,19 @@ def batched_kmeans(
         points = torch.nn.functional.pad(points, (0, 0, 0, K - P))
         valid = torch.nn.functional.pad(valid, (0, K - P), value=False)
     compute_dtype = torch.promote_types(points.dtype, torch.float32)
-    x = points.to(compute_dtype)  # (N, P', C)
-    valid_f = valid.to(compute_dtype)
-    x_sq = (x * x).sum(-1)  # (N, P')
+    x = points.to(compute_dtype)  # (N, P, C), P now ≥ K
+    # A norm reads x once; (x * x).sum(-1) would first write an (N, P, C) temporary.
+    x_sq = torch.linalg.vector_norm(x, dim=-1).square()  # (N, P)
 
     init = initial_indices(valid, K, seed)  # (N, K)
     centroids = x[torch.arange(N, device=x.device)[:, None], init]  # (N, K, C)
     for _ in range(iterations):
-        centroids, assignments = _lloyd_step(x, x_sq, valid_f, centroids)
+        centroids, assignments = _lloyd_step(x, x_sq, valid, centroids)
     if iterations == 0:
         assignments = _squared_distances(x, x_sq, centroids).argmin(-1)
 
-    # differs from the release: its PixelRefer passes ≤ K cells through with a
-    # variable token count; here they are left-packed and the rest marked invalid.
+    # The release's PixelRefer returns a variable token count for small objects;
+    # fixed K rows plus `token_valid` carry the same information, batched.
     count = valid.sum(1, keepdim=True)  # (N, 1)
     packed, packed_valid = _pass_through(x, count, K)
     clustered = count > K
@@ -186,8 +193,8 @@ def kmeans_reference(
 ) -> list[Tensor]:
     """Slow reference: a Python loop over objects and over clusters.
 
-    Written the way the release does it, to check `batched_kmeans` and to
-    time against it. Not for the hot path.
+    The release's formulation (REFERENCE §9), kept to check `batched_kmeans`
+    and to time against it. Not for the hot path.
 
     Args:
         points_list: per object, its (P_i, C) valid points.
@@ -205,8 +212,8 @@ def kmeans_reference(
         if points.shape[0] <= num_clusters:
             tokens.append(points.clone())
             continue
-        x = points.float()
-        centroids = x[init[:num_clusters]].clone()
+        x = points.to(torch.promote_types(points.dtype, torch.float32))
+        centroids = x[init[:num_clusters]]  # (K, C), a copy
         for _ in range(iterations):
             distances = torch.stack([((x - centroids[k]) ** 2).sum(-1) for k in range(num_clusters)], dim=1)
             assignments = distances.argmin(1)

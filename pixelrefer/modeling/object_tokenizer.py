@@ -6,10 +6,11 @@ LLM width per object.
 
 Notable:
 - Everything is batched over objects: the foreground cells are moved into a
-  padded layout (N, P_max, C) with one gather computed from cumulative
-  offsets, then `batched_kmeans` clusters all objects at once. The only host
-  synchronisation is one check of the inputs per call (plus one of
-  `cells_per_object` if it lives on an accelerator).
+  padded layout (N, P_max, C) with one scatter whose slots come from
+  cumulative offsets, then `batched_kmeans` clusters all objects at once.
+  The only host synchronisation is one read of the foreground counts per
+  call (to validate them and size P_max), plus the sum of
+  `cells_per_object` if that lives on an accelerator.
 - The relative position encoding (Eq. 4–5) is added to every cell before
   the mask is applied; the coordinates themselves are computed by the
   processor (it owns the release's swapped-axes switch).
@@ -179,7 +180,10 @@ class ObjectTokenizer(nn.Module):
         """(P, C) features + Linear((P, 2) positions), Eq. 5, on every cell."""
         if self.position_proj is None:
             return cell_features
-        return cell_features + self.position_proj(cell_positions.to(cell_features.dtype))
+        encoding = self.position_proj(cell_positions.to(cell_features.dtype)).to(cell_features.dtype)
+        # In place on the fresh projection: one (P, C) allocation instead of two,
+        # which matters on CPU where large fresh buffers cost a page fault per 4 KiB.
+        return encoding.add_(cell_features)
 
     def reduce(self, cells: Tensor, cell_valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(N, P_max, C) cells -> features (N, K, C), valid (N, K), assignments (N, P_max)."""
@@ -246,12 +250,14 @@ class MaskPooling(ObjectTokenizer):
 
     def reduce(self, cells: Tensor, cell_valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(N, P_max, C) cells -> features (N, 1, C), valid (N, 1), assignments (N, P_max)."""
-        # Sum in float32: a bf16 running sum over hundreds of cells loses digits.
-        weights = cell_valid.float()[..., None]  # (N, P_max, 1)
-        mean = (cells.float() * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (N, C)
+        # Sum in float32 (a bf16 running sum over hundreds of cells loses digits),
+        # as a (1 × P_max) @ (P_max × C) matmul per object: no (N, P_max, C) temporary.
+        compute_dtype = torch.promote_types(cells.dtype, torch.float32)
+        weights = cell_valid.to(compute_dtype)[:, None, :]  # (N, 1, P_max)
+        mean = (weights @ cells.to(compute_dtype)) / weights.sum(-1, keepdim=True).clamp(min=1.0)  # (N, 1, C)
         valid = torch.ones(cells.shape[0], 1, dtype=torch.bool, device=cells.device)
         assignments = torch.where(cell_valid, 0, -1)
-        return mean[:, None].to(cells.dtype), valid, assignments
+        return mean.to(cells.dtype), valid, assignments
 
 
 def object_tokenizer_reference(
