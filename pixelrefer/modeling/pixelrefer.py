@@ -160,7 +160,7 @@ class PixelReferModel(VideoLlama3Model):
             global_ = features[local_end:].view(num_global, global_side**2, vision_dim)  # (G, L_glob, C)
             infused = self.infusion(object_features, aggregated.valid, local, global_, region_global_index)
             object_features = infused
-        tokens = self.object_tokenizer.project(object_features)
+        tokens = self.object_tokenizer.project(object_features) * aggregated.valid[..., None]  # (N, K, D)
         return ObjectFeatures(tokens=tokens, valid=aggregated.valid, aggregated=aggregated, infused=infused)
 
     def scatter_object_tokens(
