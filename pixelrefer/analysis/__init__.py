@@ -1,5 +1,6 @@
 """Analyses of the paper: attention by token group (more to come: similarity, FLOPs, profiling, ablations)."""
 
+from pixelrefer.analysis.flops import TABLE5, llm_flops, table5_comparison
 from pixelrefer.analysis.attention import (
     GROUPS,
     AttentionCapture,
@@ -8,4 +9,13 @@ from pixelrefer.analysis.attention import (
     token_groups,
 )
 
-__all__ = ["GROUPS", "AttentionCapture", "TokenGroups", "capture_attention", "token_groups"]
+__all__ = [
+    "GROUPS",
+    "TABLE5",
+    "AttentionCapture",
+    "TokenGroups",
+    "capture_attention",
+    "llm_flops",
+    "table5_comparison",
+    "token_groups",
+]
