@@ -1,0 +1,379 @@
+"""One readable training loop for both frameworks, on accelerate.
+
+Notable:
+- `TrainConfig` is a plain dataclass, saved as JSON next to every checkpoint.
+- Per-module learning rates (paper §6.1): Stage 1 — LLM 1e-5, projector 1e-5,
+  object encoder 1e-3; Stage 2 — everything 1e-5; the vision encoder is frozen
+  (its parameters are not given to the optimizer at all).
+- The loss of an optimizer step is the mean over every supervised token of the
+  global batch (all micro-batches, all processes): each micro-batch's summed
+  loss is divided by the step's global token count, so gradient accumulation
+  and data parallelism give the same gradient as one big batch.
+- Data order is a pure function of (seed, epoch): step s always sees the same
+  samples, so a resumed run continues exactly (bit-identical losses in float32
+  on CPU). Checkpoints hold model, optimizer, scheduler, step, loss history
+  and RNG states, written to a temporary folder and renamed into place.
+- A bad record stops training with its file and index, unless `skip_bad` is
+  set, in which case it is skipped and counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from pixelrefer.errors import InputError
+from pixelrefer.inference import load
+from pixelrefer.processing import PixelReferProcessor
+
+STAGE_LEARNING_RATES = {
+    1: dict(llm=1e-5, projector=1e-5, object_encoder=1e-3),
+    2: dict(llm=1e-5, projector=1e-5, object_encoder=1e-5),
+}
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved as `train_config.json` with each checkpoint.
+
+    `lr_*` left as None take the paper's value for `stage`. `steps` counts
+    optimizer steps; one step sees batch_size × grad_accum × processes samples.
+    """
+
+    model: str = "tiny"  # preset name or checkpoint folder to start from
+    framework: str = "vision_object"
+    model_overrides: dict = field(default_factory=dict)
+    train_data: str = ""
+    media_root: str | None = None
+    output_dir: str = "runs/train"
+    stage: int = 1
+    steps: int = 100
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr_llm: float | None = None
+    lr_projector: float | None = None
+    lr_object_encoder: float | None = None
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # "bf16" on GPUs
+    gradient_checkpointing: bool = False
+    save_every: int = 50
+    seed: int = 0
+    skip_bad: bool = False
+
+    def learning_rates(self) -> dict[str, float]:
+        if self.stage not in STAGE_LEARNING_RATES:
+            raise ValueError(f"stage must be 1 or 2, got {self.stage}")
+        rates = dict(STAGE_LEARNING_RATES[self.stage])
+        for name in rates:
+            if (value := getattr(self, f"lr_{name}")) is not None:
+                rates[name] = value
+        return rates
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(Path(path), json.dumps(dataclasses.asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        data = json.loads(Path(path).read_text())
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"{path}: unknown TrainConfig fields {sorted(unknown)}")
+        return cls(**data)
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: per-step losses (of this and earlier sessions) and where things are."""
+
+    losses: list[float]
+    final_dir: Path
+    skipped: list[str]
+    seconds: float
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def parameter_groups(model, rates: dict[str, float], weight_decay: float) -> list[dict]:
+    """AdamW groups by module; the (frozen) vision encoder gets none."""
+    groups: dict[str, list] = {name: [] for name in rates}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if name.startswith(("model.object_tokenizer", "model.infusion")):
+            groups["object_encoder"].append(parameter)
+        elif name.startswith("model.projector"):
+            groups["projector"].append(parameter)
+        elif name.startswith(("model.language_model", "lm_head")):
+            groups["llm"].append(parameter)
+        else:
+            raise ValueError(f"parameter {name} belongs to no optimizer group")
+    return [dict(params=p, lr=rates[n], weight_decay=weight_decay, name=n) for n, p in groups.items() if p]
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
+    """The sample order of an epoch: a function of (seed, epoch) only."""
+    generator = torch.Generator().manual_seed(seed * 100003 + epoch)
+    return torch.randperm(num_samples, generator=generator).tolist()
+
+
+def step_indices(step: int, num_samples: int, seed: int, per_step: int) -> list[int]:
+    """Indices of the global batch of optimizer step `step` (epochs continue seamlessly)."""
+    start = step * per_step
+    indices = []
+    while len(indices) < per_step:
+        position = start + len(indices)
+        epoch, offset = divmod(position, num_samples)
+        order = epoch_order(num_samples, seed, epoch)
+        indices.extend(order[offset : offset + per_step - len(indices)])
+    return indices
+
+
+class Trainer:
+    """Runs `TrainConfig` on `samples` (objects with `load_media()`, e.g. `pixelrefer.data.Sample`)."""
+
+    def __init__(self, config: TrainConfig, samples: Sequence, accelerator: Accelerator | None = None):
+        if not samples:
+            raise ValueError("no training samples")
+        self.config = config
+        self.samples = samples
+        self.accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
+        self.output = Path(config.output_dir)
+        overrides = {"framework": config.framework, **config.model_overrides}
+        if Path(config.model).is_dir():
+            overrides = {}  # a checkpoint brings its own config
+        model, self.processor = load(config.model, seed=config.seed, **overrides)
+        model.train()
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        groups = parameter_groups(model, config.learning_rates(), config.weight_decay)
+        optimizer = torch.optim.AdamW(groups)
+        warmup = math.ceil(config.warmup_ratio * config.steps)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, config.steps)
+        # The scheduler stays out of `prepare`: accelerate would step it once per process per call, while
+        # `steps` here already counts global optimizer steps.
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.scheduler = scheduler
+        self.step, self.losses, self.skipped = 0, [], []
+
+    # ------------------------------------------------------------------ data
+    @property
+    def per_step(self) -> int:
+        cfg = self.config
+        return cfg.batch_size * cfg.grad_accum * self.accelerator.num_processes
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """This process's micro-batches of `step`: slices of the step's global batch."""
+        cfg, acc = self.config, self.accelerator
+        indices = step_indices(step, len(self.samples), cfg.seed, self.per_step)
+        batches = []
+        for micro in range(cfg.grad_accum):
+            start = (micro * acc.num_processes + acc.process_index) * cfg.batch_size
+            batches.append(indices[start : start + cfg.batch_size])
+        return batches
+
+    def encode(self, indices: list[int]):
+        """Load and encode samples as one batch; a bad record raises naming it, or is skipped with `skip_bad`."""
+        loaded = []
+        for i in indices:
+            try:
+                loaded.append((i, self.samples[i].load_media()))
+            except (InputError, OSError) as error:
+                self._bad(i, error)
+        try:
+            return self._encode_batch([item for _, item in loaded])
+        except InputError:
+            good = []
+            for i, item in loaded:  # find the culprit: the batch error names only its position
+                try:
+                    self._encode_batch([item])
+                    good.append(item)
+                except InputError as error:
+                    self._bad(i, error)
+            return self._encode_batch(good)
+
+    def _encode_batch(self, items):
+        if not items:
+            return None
+        text, images, videos, masks = (list(column) for column in zip(*items))
+        return self.processor(text=text, images=images, videos=videos, masks=masks)
+
+    def _bad(self, index: int, error: Exception) -> None:
+        where = getattr(self.samples[index], "where", f"sample {index}")
+        if not self.config.skip_bad:
+            raise InputError(f"bad training record {where}: {error} (set skip_bad to skip such records)") from error
+        self.skipped.append(f"{where}: {error}")
+
+    # ------------------------------------------------------------------ loop
+    def train_step(self) -> float:
+        """One optimizer step over the global batch; returns the global token-mean loss."""
+        acc = self.accelerator
+        batches = [self.encode(ids) for ids in self.micro_batches(self.step)]
+        tokens = [int((b["labels"][:, 1:] != -100).sum()) if b is not None and "labels" in b else 0 for b in batches]
+        total = acc.reduce(torch.tensor(float(sum(tokens)), device=acc.device), reduction="sum")
+        if total.item() == 0:
+            raise ValueError(f"step {self.step}: the global batch has no supervised token")
+        summed = torch.zeros((), device=acc.device)
+        for m, batch in enumerate(batches):
+            last = m == len(batches) - 1
+            context = acc.no_sync(self.model) if not last and acc.num_processes > 1 else contextlib.nullcontext()
+            with context:
+                if batch is None or tokens[m] == 0:
+                    loss = sum(p.sum() * 0 for p in self.model.parameters() if p.requires_grad)
+                else:
+                    batch = batch.to(acc.device)
+                    # sum over this micro-batch's tokens / global count; × processes undoes DDP's averaging
+                    out = self.model(**batch, num_items_in_batch=total / acc.num_processes)
+                    loss = out.loss
+                    summed += loss.detach() / acc.num_processes
+                acc.backward(loss)
+        if self.config.max_grad_norm:
+            acc.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return acc.reduce(summed, reduction="sum").item()
+
+    def run(self, stop_after: int | None = None, callback: Callable[[int, float], None] | None = None) -> TrainResult:
+        """Train to `config.steps` (or stop after `stop_after` steps of this call), resuming if a checkpoint exists."""
+        cfg, acc = self.config, self.accelerator
+        self.resume()
+        started = time.perf_counter()
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not acc.is_main_process, desc="train")
+        done = 0
+        while self.step < cfg.steps and (stop_after is None or done < stop_after):
+            tick = time.perf_counter()
+            loss = self.train_step()
+            self.losses.append(loss)
+            done += 1
+            rate = self.per_step / max(time.perf_counter() - tick, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{rate:.1f}")
+            if callback is not None:
+                callback(self.step, loss)
+            if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                self.save_checkpoint()
+        bar.close()
+        final = self.output / "final"
+        if self.step == cfg.steps:
+            self.save_model(final)
+        return TrainResult(self.losses, final, self.skipped, time.perf_counter() - started)
+
+    # ------------------------------------------------------------ checkpoints
+    def save_model(self, path: Path) -> None:
+        """Model, processor and TrainConfig, ready for `pixelrefer.load(path)`."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            tmp = path.with_name(f".{path.name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            acc.unwrap_model(self.model).save_pretrained(tmp)
+            self.processor.save_pretrained(tmp)
+            self.config.save(tmp / "train_config.json")
+            _replace_dir(tmp, path)
+        acc.wait_for_everyone()
+
+    def save_checkpoint(self) -> None:
+        acc = self.accelerator
+        path = self.output / CHECKPOINTS / f"step-{self.step:07d}"
+        self.save_model(path)
+        if acc.is_main_process:
+            torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
+            state = dict(step=self.step, losses=self.losses, skipped=self.skipped, rng=_rng_state())
+            atomic_write_text(path / "trainer_state.json", json.dumps(state))
+            atomic_write_text(self.output / CHECKPOINTS / "latest", path.name)
+        acc.wait_for_everyone()
+
+    def resume(self) -> bool:
+        """Continue from the latest complete checkpoint in `output_dir`, if any."""
+        pointer = self.output / CHECKPOINTS / "latest"
+        if not pointer.exists():
+            return False
+        path = self.output / CHECKPOINTS / pointer.read_text().strip()
+        saved = TrainConfig.load(path / "train_config.json")
+        if _trajectory(saved) != _trajectory(self.config):
+            raise ValueError(f"{path} was written by a different TrainConfig; use another output_dir")
+        model = self.accelerator.unwrap_model(self.model)
+        from safetensors.torch import load_file
+
+        state = load_file(path / "model.safetensors")
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+        if set(missing) - tied or unexpected:
+            raise ValueError(f"{path}: checkpoint does not match the model (missing {missing}, unexpected {unexpected})")
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        trainer_state = json.loads((path / "trainer_state.json").read_text())
+        self.step, self.losses, self.skipped = trainer_state["step"], trainer_state["losses"], trainer_state["skipped"]
+        _set_rng_state(trainer_state["rng"])
+        return True
+
+
+def _trajectory(config: TrainConfig) -> dict:
+    """Fields that must agree for a resume to continue the same run."""
+    fields = dataclasses.asdict(config)
+    for name in ("output_dir", "save_every", "steps"):
+        fields.pop(name)
+    return fields
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Put `tmp` at `path`; an existing `path` is moved aside first and removed after."""
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _rng_state() -> dict:
+    """Python, numpy and torch (CPU) generator states, as JSON."""
+    version, state, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return dict(
+        python=[version, list(state), gauss],
+        numpy=[kind, keys.tolist(), position, has_gauss, cached],
+        torch=torch.get_rng_state().tolist(),
+    )
+
+
+def _set_rng_state(state: dict) -> None:
+    version, values, gauss = state["python"]
+    random.setstate((version, tuple(values), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def train(config: TrainConfig, samples: Sequence | None = None, **run_kwargs) -> TrainResult:
+    """Train as `config` says; samples default to `config.train_data` loaded with `pixelrefer.data`."""
+    if samples is None:
+        from pixelrefer.data.formats import load_annotations
+
+        samples = load_annotations(config.train_data, config.media_root)
+    return Trainer(config, samples).run(**run_kwargs)

@@ -1,0 +1,141 @@
+"""Training loop: learning rates by module, exact resume, accumulation equivalence, bad records."""
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from pixelrefer import InputError
+from pixelrefer.demo import demo_scene
+from pixelrefer.training import STAGE_LEARNING_RATES, TrainConfig, Trainer, parameter_groups, step_indices
+from tests.conftest import tiny_overrides
+
+ANSWERS = {"square": "red square", "disc": "green disc", "speck": "white dot"}
+
+
+@dataclass
+class DemoSample:
+    """A record-like object: `load_media()` as `pixelrefer.data.Sample` has it."""
+
+    name: str
+    seed: int
+    broken: bool = False
+
+    @property
+    def where(self):
+        return f"demo:{self.name}-{self.seed}"
+
+    def load_media(self):
+        image, masks = demo_scene(seed=self.seed)
+        mask = np.zeros_like(masks[self.name]) if self.broken else masks[self.name]
+        text = [{"role": "user", "content": "What is <region>?"}, {"role": "assistant", "content": ANSWERS[self.name]}]
+        return text, image, None, [mask]
+
+
+def samples(count=6):
+    return [DemoSample(name, seed) for seed in range(count // 3) for name in ANSWERS]
+
+
+def config(tmp_path, name, **kwargs):
+    overrides = tiny_overrides()
+    base = dict(model="tiny", model_overrides=overrides, output_dir=str(tmp_path / name), steps=6, batch_size=2,
+                save_every=2, lr_llm=1e-3, lr_projector=1e-3, lr_object_encoder=1e-3, seed=0)
+    base.update(kwargs)
+    return TrainConfig(**base)
+
+
+def test_stage_learning_rates_and_frozen_vision_encoder(tmp_path):
+    trainer = Trainer(config(tmp_path, "groups", lr_llm=None, lr_projector=None, lr_object_encoder=None), samples())
+    rates = {g["name"]: g["initial_lr"] for g in trainer.optimizer.param_groups}  # "lr" is 0 at warm-up start
+    assert rates["object_encoder"] == STAGE_LEARNING_RATES[1]["object_encoder"] == 1e-3
+    assert rates["llm"] == rates["projector"] == 1e-5
+    optimised = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    assert not any(id(p) in optimised for p in model.model.vision_model.parameters())
+    assert TrainConfig(stage=2).learning_rates() == STAGE_LEARNING_RATES[2]
+
+
+def test_loss_goes_down(tmp_path):
+    result = Trainer(config(tmp_path, "learn", steps=12, save_every=100), samples()).run()
+    assert np.mean(result.losses[-3:]) < np.mean(result.losses[:3])
+    assert (tmp_path / "learn" / "final" / "model.safetensors").exists()
+    saved = TrainConfig.load(tmp_path / "learn" / "final" / "train_config.json")
+    assert saved.steps == 12
+
+
+def test_interrupted_run_resumes_to_identical_losses(tmp_path):
+    full = Trainer(config(tmp_path, "full"), samples()).run().losses
+    interrupted = Trainer(config(tmp_path, "resumed"), samples())
+    interrupted.run(stop_after=3)  # dies after step 3; the last checkpoint is step 2
+    state = json.loads((tmp_path / "resumed" / "checkpoints" / "step-0000002" / "trainer_state.json").read_text())
+    assert state["step"] == 2
+    resumed = Trainer(config(tmp_path, "resumed"), samples()).run().losses
+    assert len(resumed) == len(full) == 6
+    assert resumed == full, "resume must continue bit-identically in float32 on CPU"
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    big = Trainer(config(tmp_path, "big", batch_size=4, steps=3), samples()).run().losses
+    accumulated = Trainer(config(tmp_path, "acc", batch_size=2, grad_accum=2, steps=3), samples()).run().losses
+    np.testing.assert_allclose(accumulated, big, rtol=1e-5, atol=1e-6)
+
+
+def test_step_indices_cover_every_sample_each_epoch():
+    seen = step_indices(0, 6, seed=3, per_step=6)
+    assert sorted(seen) == list(range(6))
+    assert step_indices(2, 6, seed=3, per_step=4) == step_indices(2, 6, seed=3, per_step=4)
+
+
+def test_bad_record_stops_training_naming_it_or_is_skipped_and_counted(tmp_path):
+    data = samples() + [DemoSample("disc", 9, broken=True)]
+    with pytest.raises(InputError, match=r"bad training record demo:disc-9"):
+        Trainer(config(tmp_path, "strict", batch_size=7, steps=1), data).run()
+    result = Trainer(config(tmp_path, "lenient", batch_size=7, steps=1, skip_bad=True), data).run()
+    assert len(result.skipped) == 1 and "demo:disc-9" in result.skipped[0]
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+    Trainer(config(tmp_path, "one"), samples()).run(stop_after=2)
+    with pytest.raises(ValueError, match="different TrainConfig"):
+        Trainer(config(tmp_path, "one", lr_llm=5e-4), samples()).run()
+
+
+def test_train_config_round_trip_and_unknown_fields(tmp_path):
+    cfg = config(tmp_path, "cfg")
+    cfg.save(tmp_path / "c.json")
+    assert TrainConfig.load(tmp_path / "c.json") == cfg
+    (tmp_path / "bad.json").write_text(json.dumps({"stepz": 3}))
+    with pytest.raises(ValueError, match="unknown TrainConfig fields"):
+        TrainConfig.load(tmp_path / "bad.json")
+
+
+def test_parameter_groups_reject_unknown_trainable_parameters():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="belongs to no optimizer group"):
+        parameter_groups(model, STAGE_LEARNING_RATES[1], 0.0)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), str(root / "tests" / "ddp_worker.py"), str(tmp_path)]
+    done = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ddp = json.loads((tmp_path / "losses.json").read_text())
+    assert ddp["processes"] == 2
+    single = Trainer(config(tmp_path, "single", batch_size=4, steps=3, save_every=100), samples()).run().losses
+    # Same global batch and token-exact normalisation: only float summation order differs (gloo all-reduce).
+    np.testing.assert_allclose(ddp["losses"], single, rtol=1e-4, atol=1e-5)
