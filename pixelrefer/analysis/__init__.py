@@ -1,4 +1,4 @@
-"""Analyses of the paper: attention by token group (more to come: similarity, FLOPs, profiling, ablations)."""
+"""Analyses of the paper: attention by token group and FLOPs (Eq. 9–10)."""
 
 from pixelrefer.analysis.flops import TABLE5, llm_flops, table5_comparison
 from pixelrefer.analysis.attention import (
