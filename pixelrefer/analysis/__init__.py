@@ -1,6 +1,7 @@
-"""Analyses of the paper: attention by token group and FLOPs (Eq. 9–10)."""
+"""Analyses of the paper: attention by token group, object-token similarity, FLOPs (Eq. 9–10)."""
 
 from pixelrefer.analysis.flops import TABLE5, llm_flops, table5_comparison
+from pixelrefer.analysis.similarity import ObjectSimilarity, object_similarity, token_cell_map
 from pixelrefer.analysis.attention import (
     GROUPS,
     AttentionCapture,
@@ -13,9 +14,12 @@ __all__ = [
     "GROUPS",
     "TABLE5",
     "AttentionCapture",
+    "ObjectSimilarity",
     "TokenGroups",
     "capture_attention",
     "llm_flops",
+    "object_similarity",
     "table5_comparison",
+    "token_cell_map",
     "token_groups",
 ]
