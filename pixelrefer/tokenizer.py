@@ -55,6 +55,8 @@ circle circles square squares triangle triangles rectangle rectangles star stars
 hexagon hexagons diamond diamonds cross crosses ring rings line lines dot dots disk disks disc discs blob blobs
 head body tail handle wheel wheels window door roof arm leg top edge corner
 zero one two three four five six seven eight nine ten
+house wall flag pole cloth faster further higher lower nearest neither partly hidden seen place relative speed
+happens keeps if them way
 """.split()
 
 

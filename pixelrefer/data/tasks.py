@@ -1,0 +1,346 @@
+"""ShapesWorld questions and answers: one `TaskRecord` per task type the paper trains on.
+
+Notable:
+- Image tasks: category recognition (multi-turn, LVIS prompt), short caption
+  (VG prompt), detailed caption (colour, size, shape, position, parts,
+  occluder, nearest neighbour), and multi-object region QA: relations,
+  comparisons (size, colour), counting and parts.
+- Video tasks: object motion captions (one turn per object) and
+  VideoRefer-Bench-Q-style multiple choice of the five types (Basic,
+  Sequential, Relationship, Reasoning, Future) with lettered options.
+- Every sentence is built from the templates and word tables in this file and
+  in scenes.py, which is what lets `shapesworld_vocabulary()` list every word
+  the generator can emit; a test tokenises every generated text to hold it.
+- Answers come from the scene's ground truth (visible masks, centroids,
+  motion), and a question is only asked when its answer is unambiguous
+  (e.g. a relation needs one axis clearly dominant).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pixelrefer.data.scenes import CATEGORIES, COLOURS, MOTIONS, Scene, SceneObject, Track, VideoScene
+
+CATEGORY_Q = "What is the category of <region>? Using only one word or phrase."
+SHORT_Q = "Please describe <region> briefly."
+DETAILED_Q = "Please describe the <region> in the image in detail."
+RELATION_Q = "Where is <object0><region> relative to <object1><region>?"
+RELATION_A = "<object0> is {relation} <object1>."
+SIZE_Q = "Which is {adjective}, <object0><region> or <object1><region>?"
+SIZE_A = "{name} is {adjective}."
+SAME_COLOUR_Q = "Do <object0><region> and <object1><region> have the same colour?"
+SAME_COLOUR_YES = "Yes, both are {colour}."
+SAME_COLOUR_NO = "No, <object0> is {colour0} and <object1> is {colour1}."
+COUNT_Q = "How many other shapes have the same {attribute} as <region>?"
+PART_NAME_Q = "What part of <object0><region> is <object1><region>? Using only one word or phrase."
+PART_COLOUR_Q = "What colour is the {part} of <region>?"
+DETAIL_LOOK = "It is {description} {position} of the image."
+DETAIL_PARTS = "It has {parts}."
+DETAIL_HIDDEN = "It is partly hidden by {description}."
+DETAIL_NEAREST = "The nearest shape is {description}, {direction}."
+DETAIL_COUNT = "There are {count} other shapes in the image."
+VIDEO_CAPTION_Q = "What does <object{k}><region> do?"
+VIDEO_CAPTION_A = "the {colour} {category} {phrase}"
+BASIC_COLOUR_Q = "What is the colour of <object0><region>?"
+BASIC_SHAPE_Q = "What shape is <object0><region>?"
+SEQUENTIAL_Q = "What happens to <object0><region> over time?"
+RELATIONSHIP_Q = "Where is <object0><region> relative to <object1><region> when both are first seen?"
+REASONING_Q = "Which moves faster, <object0><region> or <object1><region>?"
+FUTURE_Q = "If <object0><region> keeps moving the same way, where will it be after the video?"
+
+RELATIONS = {"left": "to the left of", "right": "to the right of", "up": "above", "down": "below"}
+DIRECTIONS = {"left": "to its left", "right": "to its right", "up": "above it", "down": "below it"}
+MOTION_PHRASES = {"left": "moves left", "right": "moves right", "up": "moves up", "down": "moves down",
+                  "still": "stays still"}
+EVENT_PHRASES = {None: "{motion}", "appears": "appears and then {motion}", "disappears": "{motion} and then disappears"}
+FUTURE_PHRASES = {"left": "further to the left", "right": "further to the right", "up": "higher up",
+                  "down": "lower down", "still": "in the same place"}
+SEQUENTIAL_OPTION = "it {phrase}"
+SIZE_ADJECTIVES = ("bigger", "smaller")
+COUNT_ATTRIBUTES = ("colour", "category")
+ARTICLES = ("a", "an")
+LIST_JOINERS = (",", "and")
+SPEED_OPTIONS = ("<object0>", "<object1>", "both move at the same speed", "neither of them moves")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+ROWS, COLUMNS = ("top", "middle", "bottom"), ("left", "center", "right")
+POSITIONS = {"corner": "in the {row} {column} corner", "row": "at the {row}", "column": "on the {column}",
+             "center": "in the center"}
+LETTERS = "ABCDE"
+
+
+@dataclass
+class TaskRecord:
+    """One record before it is written: text, masks in `<region>` order, and what each mask shows.
+
+    `conversation` holds (human|gpt, text) turns; a multiple-choice record has
+    `question` (Question, type, options, Answer) instead.
+    """
+
+    task: str
+    masks: list  # bool (H, W) per object, or {frame: bool (H, W)} per object in a video
+    objects: list[dict]
+    conversation: list[tuple[str, str]] = field(default_factory=list)
+    question: dict | None = None
+
+
+# ----------------------------------------------------------------------------- words
+
+
+def article(word: str) -> str:
+    return ARTICLES[word[0] in "aeiou"]
+
+
+def describe(obj: SceneObject) -> str:
+    """'a small red circle'."""
+    return f"{article(obj.size)} {obj.size} {obj.colour} {obj.category}"
+
+
+def position_phrase(x: float, y: float, height: int, width: int) -> str:
+    """'in the top left corner', 'at the top', 'on the left', 'in the center', from the 3×3 cell of (x, y)."""
+    row, column = ROWS[min(2, int(3 * y / height))], COLUMNS[min(2, int(3 * x / width))]
+    kind = {(True, True): "center", (True, False): "column", (False, True): "row"}.get(
+        (row == "middle", column == "center"), "corner")
+    return POSITIONS[kind].format(row=row, column=column)
+
+
+def direction(a: tuple[float, float], b: tuple[float, float], ratio: float = 1.5, margin: float = 6.0):
+    """Where point a lies relative to b ('left', 'right', 'up', 'down'), or None when unclear."""
+    dx, dy = a[0] - b[0], a[1] - b[1]
+    big, small = max(abs(dx), abs(dy)), min(abs(dx), abs(dy))
+    if big < margin or big < ratio * small:
+        return None
+    if abs(dx) >= abs(dy):
+        return "left" if dx < 0 else "right"
+    return "up" if dy < 0 else "down"
+
+
+def number_word(n: int) -> str:
+    return NUMBER_WORDS[n]
+
+
+def _info(obj: SceneObject) -> dict:
+    return {"category": obj.category, "colour": obj.colour, "size": obj.size, "area": obj.area}
+
+
+# ----------------------------------------------------------------------------- image tasks
+
+
+def category_task(scene: Scene, rng: np.random.Generator) -> TaskRecord:
+    picked = [scene.objects[i] for i in rng.permutation(len(scene.objects))[:3]]
+    turns = [turn for obj in picked for turn in (("human", CATEGORY_Q), ("gpt", obj.category))]
+    return TaskRecord("category", [o.mask for o in picked], [_info(o) for o in picked], turns)
+
+
+def short_caption_task(scene: Scene, rng: np.random.Generator) -> TaskRecord:
+    obj = scene.objects[int(rng.integers(len(scene.objects)))]
+    return TaskRecord("short_caption", [obj.mask], [_info(obj)], [("human", SHORT_Q), ("gpt", describe(obj))])
+
+
+def detailed_caption(scene: Scene, index: int) -> str:
+    obj = scene.objects[index]
+    height, width = obj.mask.shape
+    sentences = [DETAIL_LOOK.format(description=describe(obj), position=position_phrase(*obj.centroid, height, width))]
+    if obj.parts:
+        named = [f"{article(obj.part_colours[p])} {obj.part_colours[p]} {p}" for p in sorted(obj.parts)]
+        comma, joiner = LIST_JOINERS
+        sentences.append(DETAIL_PARTS.format(parts=f"{comma} ".join(named[:-1]) + f" {joiner} " + named[-1]))
+    if obj.occluders:
+        sentences.append(DETAIL_HIDDEN.format(description=describe(scene.objects[obj.occluders[0]])))
+    others = [j for j in range(len(scene.objects)) if j != index]
+    if others:
+        distance = [np.hypot(*np.subtract(scene.objects[j].centroid, obj.centroid)) for j in others]
+        near = scene.objects[others[int(np.argmin(distance))]]
+        side = direction(near.centroid, obj.centroid, ratio=1.0, margin=0.0) or "right"
+        sentences.append(DETAIL_NEAREST.format(description=describe(near), direction=DIRECTIONS[side]))
+    sentences.append(DETAIL_COUNT.format(count=number_word(len(others))))
+    return " ".join(sentences)
+
+
+def detailed_caption_task(scene: Scene, rng: np.random.Generator) -> TaskRecord:
+    index = int(rng.integers(len(scene.objects)))
+    obj = scene.objects[index]
+    turns = [("human", DETAILED_Q), ("gpt", detailed_caption(scene, index))]
+    return TaskRecord("detailed_caption", [obj.mask], [_info(obj)], turns)
+
+
+def _pairs(scene: Scene, rng: np.random.Generator, keep) -> tuple[SceneObject, SceneObject] | None:
+    """A random ordered pair of objects for which `keep(a, b)` holds, or None."""
+    n = len(scene.objects)
+    pairs = [(a, b) for a in range(n) for b in range(n) if a != b and keep(scene.objects[a], scene.objects[b])]
+    if not pairs:
+        return None
+    a, b = pairs[int(rng.integers(len(pairs)))]
+    return scene.objects[a], scene.objects[b]
+
+
+def relation_task(scene: Scene, rng: np.random.Generator) -> TaskRecord | None:
+    pair = _pairs(scene, rng, lambda a, b: direction(a.centroid, b.centroid) is not None)
+    if pair is None:
+        return None
+    a, b = pair
+    answer = RELATION_A.format(relation=RELATIONS[direction(a.centroid, b.centroid)])
+    return TaskRecord("relation", [a.mask, b.mask], [_info(a), _info(b)], [("human", RELATION_Q), ("gpt", answer)])
+
+
+def comparison_task(scene: Scene, rng: np.random.Generator) -> TaskRecord | None:
+    pair = _pairs(scene, rng, lambda a, b: a.area >= 1.5 * b.area) if rng.random() < 0.5 else None
+    if pair is not None:
+        big, small = pair
+        adjective = SIZE_ADJECTIVES[int(rng.integers(2))]
+        a, b = (big, small) if rng.random() < 0.5 else (small, big)
+        winner = big if adjective == SIZE_ADJECTIVES[0] else small
+        question = SIZE_Q.format(adjective=adjective)
+        answer = SIZE_A.format(name="<object0>" if winner is a else "<object1>", adjective=adjective)
+    else:
+        pair = _pairs(scene, rng, lambda a, b: True)
+        if pair is None:
+            return None
+        a, b = pair
+        question = SAME_COLOUR_Q
+        answer = (SAME_COLOUR_YES.format(colour=a.colour) if a.colour == b.colour
+                  else SAME_COLOUR_NO.format(colour0=a.colour, colour1=b.colour))
+    return TaskRecord("comparison", [a.mask, b.mask], [_info(a), _info(b)], [("human", question), ("gpt", answer)])
+
+
+def counting_task(scene: Scene, rng: np.random.Generator) -> TaskRecord:
+    obj = scene.objects[int(rng.integers(len(scene.objects)))]
+    attribute = COUNT_ATTRIBUTES[int(rng.integers(2))]
+    count = sum(getattr(o, attribute) == getattr(obj, attribute) for o in scene.objects if o is not obj)
+    turns = [("human", COUNT_Q.format(attribute=attribute)), ("gpt", number_word(count))]
+    return TaskRecord("counting", [obj.mask], [_info(obj)], turns)
+
+
+def part_task(scene: Scene, rng: np.random.Generator) -> TaskRecord | None:
+    composites = [o for o in scene.objects if o.parts]
+    if not composites:
+        return None
+    obj = composites[int(rng.integers(len(composites)))]
+    part = str(rng.choice(sorted(obj.parts)))
+    if rng.random() < 0.5:
+        part_info = {"category": part, "colour": obj.part_colours[part], "part_of": obj.category,
+                     "area": int(obj.part_masks[part].sum())}
+        turns = [("human", PART_NAME_Q), ("gpt", part)]
+        return TaskRecord("part", [obj.mask, obj.part_masks[part]], [_info(obj), part_info], turns)
+    turns = [("human", PART_COLOUR_Q.format(part=part)), ("gpt", obj.part_colours[part])]
+    return TaskRecord("part", [obj.mask], [_info(obj)], turns)
+
+
+IMAGE_TASKS = (category_task, short_caption_task, detailed_caption_task, relation_task, comparison_task,
+               counting_task, part_task)
+
+
+def image_tasks(scene: Scene, rng: np.random.Generator) -> list[TaskRecord]:
+    """Every image task that has an unambiguous question on this scene."""
+    return [record for make in IMAGE_TASKS if (record := make(scene, rng)) is not None]
+
+
+# ----------------------------------------------------------------------------- video tasks
+
+
+def motion_phrase(track: Track) -> str:
+    """'moves left', 'appears and then stays still', 'moves up and then disappears'."""
+    return EVENT_PHRASES[track.event].format(motion=MOTION_PHRASES[track.motion])
+
+
+def _track_info(track: Track) -> dict:
+    return {"category": track.category, "colour": track.colour, "size": track.size, "motion": track.motion,
+            "speed": track.speed, "event": track.event}
+
+
+def video_caption_task(video: VideoScene) -> TaskRecord:
+    turns = []
+    for k, track in enumerate(video.tracks):
+        answer = VIDEO_CAPTION_A.format(colour=track.colour, category=track.category, phrase=motion_phrase(track))
+        turns += [("human", VIDEO_CAPTION_Q.format(k=k)), ("gpt", answer)]
+    masks = [track.masks for track in video.tracks]
+    return TaskRecord("video_caption", masks, [_track_info(t) for t in video.tracks], turns)
+
+
+def _options(rng: np.random.Generator, correct: str, distractors, count: int = 4) -> tuple[list[str], str]:
+    """Lettered options holding `correct` and up to count-1 distractors, shuffled; and the answer option."""
+    pool = [d for d in dict.fromkeys(distractors) if d != correct]
+    texts = [correct] + [pool[i] for i in rng.permutation(len(pool))[: count - 1]]
+    texts = [texts[i] for i in rng.permutation(len(texts))]
+    options = [f"({LETTERS[i]}) {text}" for i, text in enumerate(texts)]
+    return options, options[texts.index(correct)]
+
+
+def _multiple_choice(qtype: str, question: str, tracks: list[Track], options: tuple[list[str], str]) -> TaskRecord:
+    choices, answer = options
+    mc = {"Question": question, "type": qtype, "options": choices, "Answer": answer}
+    return TaskRecord("multiple_choice", [t.masks for t in tracks], [_track_info(t) for t in tracks], question=mc)
+
+
+def basic_question(video: VideoScene, rng: np.random.Generator) -> TaskRecord:
+    track = video.tracks[int(rng.integers(len(video.tracks)))]
+    if rng.random() < 0.5:
+        return _multiple_choice("Basic", BASIC_COLOUR_Q, [track], _options(rng, track.colour, COLOURS))
+    return _multiple_choice("Basic", BASIC_SHAPE_Q, [track], _options(rng, track.category, CATEGORIES))
+
+
+def sequential_question(video: VideoScene, rng: np.random.Generator) -> TaskRecord:
+    eventful = [t for t in video.tracks if t.event] or video.tracks
+    track = eventful[int(rng.integers(len(eventful)))]
+    phrases = [SEQUENTIAL_OPTION.format(phrase=EVENT_PHRASES[e].format(motion=m))
+               for e in EVENT_PHRASES for m in MOTION_PHRASES.values()]
+    correct = SEQUENTIAL_OPTION.format(phrase=motion_phrase(track))
+    return _multiple_choice("Sequential", SEQUENTIAL_Q, [track], _options(rng, correct, phrases))
+
+
+def relationship_question(video: VideoScene, rng: np.random.Generator) -> TaskRecord | None:
+    candidates = []
+    for a in video.tracks:
+        for b in video.tracks:
+            common = sorted(a.masks.keys() & b.masks.keys())  # first frame where both are seen
+            side = direction(a.center(common[0]), b.center(common[0])) if a is not b and common else None
+            if side is not None:
+                candidates.append((a, b, side))
+    if not candidates:
+        return None
+    a, b, side = candidates[int(rng.integers(len(candidates)))]
+    texts = {s: f"{relation} <object1>" for s, relation in RELATIONS.items()}
+    return _multiple_choice("Relationship", RELATIONSHIP_Q, [a, b], _options(rng, texts[side], texts.values()))
+
+
+def reasoning_question(video: VideoScene, rng: np.random.Generator) -> TaskRecord | None:
+    if len(video.tracks) < 2:
+        return None
+    a, b = (video.tracks[i] for i in rng.permutation(len(video.tracks))[:2])
+    if a.speed == b.speed:
+        correct = SPEED_OPTIONS[3] if a.speed == 0 else SPEED_OPTIONS[2]
+    else:
+        correct = SPEED_OPTIONS[0] if a.speed > b.speed else SPEED_OPTIONS[1]
+    return _multiple_choice("Reasoning", REASONING_Q, [a, b], _options(rng, correct, SPEED_OPTIONS))
+
+
+def future_question(video: VideoScene, rng: np.random.Generator) -> TaskRecord | None:
+    staying = [t for t in video.tracks if t.event != "disappears"]
+    if not staying:
+        return None
+    track = staying[int(rng.integers(len(staying)))]
+    options = _options(rng, FUTURE_PHRASES[track.motion], FUTURE_PHRASES.values())
+    return _multiple_choice("Future", FUTURE_Q, [track], options)
+
+
+MULTIPLE_CHOICE = (basic_question, sequential_question, relationship_question, reasoning_question, future_question)
+
+
+def video_tasks(video: VideoScene, rng: np.random.Generator) -> list[TaskRecord]:
+    """The motion caption and every multiple-choice type that has an unambiguous question on this video."""
+    records = [video_caption_task(video)]
+    return records + [record for make in MULTIPLE_CHOICE if (record := make(video, rng)) is not None]
+
+
+# Every literal string the generator writes, for `shapesworld_vocabulary()`.
+TEMPLATES = (
+    CATEGORY_Q, SHORT_Q, DETAILED_Q, RELATION_Q, RELATION_A, SIZE_Q, SIZE_A, SAME_COLOUR_Q, SAME_COLOUR_YES,
+    SAME_COLOUR_NO, COUNT_Q, PART_NAME_Q, PART_COLOUR_Q, DETAIL_LOOK, DETAIL_PARTS, DETAIL_HIDDEN, DETAIL_NEAREST,
+    DETAIL_COUNT, VIDEO_CAPTION_Q, VIDEO_CAPTION_A, BASIC_COLOUR_Q, BASIC_SHAPE_Q, SEQUENTIAL_Q, RELATIONSHIP_Q,
+    REASONING_Q, FUTURE_Q, *RELATIONS.values(), *DIRECTIONS.values(), *MOTION_PHRASES.values(),
+    *EVENT_PHRASES.values(), *FUTURE_PHRASES.values(), *SPEED_OPTIONS, *NUMBER_WORDS, *ROWS, *COLUMNS,
+    *POSITIONS.values(), *MOTIONS, SEQUENTIAL_OPTION, *SIZE_ADJECTIVES, *COUNT_ATTRIBUTES, *ARTICLES, *LIST_JOINERS,
+    *(f"({letter})" for letter in LETTERS),
+)

@@ -1,0 +1,143 @@
+"""ShapesWorld: byte-reproducible, clean under the validator, every task present, covered by its vocabulary,
+and trainable end to end by both frameworks on images and videos."""
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from pixelrefer import PixelReferConfig, PixelReferForConditionalGeneration, PixelReferProcessor
+from pixelrefer.data import check_annotations, generate_shapesworld, load_annotations, shapesworld_vocabulary
+from pixelrefer.data.shapesworld import split_counts
+from pixelrefer.tokenizer import build_tokenizer
+from tests.conftest import tiny_overrides
+
+SMALL = dict(num_images=12, num_videos=6)
+IMAGE_TASKS = {"category", "short_caption", "detailed_caption", "relation", "comparison", "counting", "part"}
+BENCH_Q_TYPES = {"Basic", "Sequential", "Relationship", "Reasoning", "Future"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapesworld")
+    return out, generate_shapesworld(out, seed=0, **SMALL)
+
+
+@pytest.fixture(scope="module")
+def samples(world):
+    _, paths = world
+    return [sample for path in paths.values() for sample in load_annotations(path)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer(shapesworld_vocabulary())
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_gives_identical_bytes_and_another_seed_differs(world, tmp_path):
+    out, _ = world
+    generate_shapesworld(tmp_path / "again", seed=0, **SMALL)
+    generate_shapesworld(tmp_path / "other", seed=1, **SMALL)
+    first, again, other = files(out), files(tmp_path / "again"), files(tmp_path / "other")
+    assert len(first) > 12 + 6 * 8 and first.keys() == again.keys()
+    assert [name for name in first if first[name] != again[name]] == []
+    assert first["train.json"] != other["train.json"] and first["images/img_00000.png"] != other["images/img_00000.png"]
+    assert not list(out.rglob("*.tmp")), "atomic writes leave no temporary files"
+
+
+def test_every_split_loads_and_passes_the_validator(world):
+    _, paths = world
+    assert sorted(paths) == ["test", "train", "val"]
+    for path in paths.values():
+        report = check_annotations(path)
+        assert report.ok, str(report)
+        assert report.num_records == len(load_annotations(path)) > 0
+
+
+def test_every_task_type_is_present(samples):
+    tasks = Counter(s.task for s in samples)
+    assert IMAGE_TASKS | {"video_caption", "multiple_choice"} == set(tasks)
+    assert {s.meta["type"] for s in samples if s.task == "multiple_choice"} == BENCH_Q_TYPES
+    for sample in samples:
+        if sample.task == "multiple_choice":
+            assert sample.meta["Answer"] in sample.meta["options"]
+            letters = [option[:3] for option in sample.meta["options"]]
+            assert letters == ["(A)", "(B)", "(C)", "(D)"][: len(letters)]
+
+
+def test_tiny_objects_and_parts_are_present(samples):
+    areas = [int(mask.sum()) for s in samples if s.task == "category" for mask in s.load_media().masks]
+    assert min(areas) < 196, "no object smaller than one 14-px patch"
+    parts = [s for s in samples if s.task == "part" and len(s.masks) == 2]
+    assert parts, "no part-naming record"
+    whole, part = parts[0].load_media().masks
+    assert part.sum() < whole.sum() and not (part & ~whole).any(), "a part mask lies inside its object's mask"
+
+
+def test_image_masks_of_one_scene_never_overlap(samples):
+    sample = next(s for s in samples if s.task == "category" and len(s.masks) > 1)
+    masks = sample.load_media().masks
+    assert sum(m.astype(int) for m in masks).max() == 1
+
+
+def test_vocabulary_covers_every_generated_text(samples, tokenizer):
+    unk = tokenizer.unk_token_id
+    for sample in samples:
+        for turn in sample.conversation:
+            text = turn["content"].replace("<region>", " ").replace("<image>", " ").replace("<video>", " ")
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            assert unk not in ids, (sample.id, text, tokenizer.convert_ids_to_tokens(ids))
+
+
+def processor_and_model(tokenizer, framework):
+    overrides = tiny_overrides()
+    text = {**overrides.pop("text_config"), "vocab_size": max(1024, len(tokenizer))}
+    config = PixelReferConfig.from_preset("tiny", framework=framework, text_config=text, **overrides)
+    torch.manual_seed(0)
+    return PixelReferProcessor(tokenizer, config), PixelReferForConditionalGeneration(config)
+
+
+@pytest.mark.parametrize("framework", ["vision_object", "object_only"])
+def test_records_train_end_to_end_with_finite_loss(samples, tokenizer, framework):
+    processor, model = processor_and_model(tokenizer, framework)
+    picked = [next(s for s in samples if s.task == task) for task in ("category", "part", "video_caption")]
+    picked += [next(s for s in samples if s.meta.get("type") == "Future")]
+    for sample in picked:
+        text, image, video, masks = sample.load_media()
+        inputs = processor(text=text, images=image, videos=video, masks=masks)
+        assert (inputs["input_ids"] != tokenizer.unk_token_id).all(), sample.id
+        loss = model(**inputs).loss
+        assert torch.isfinite(loss), sample.id
+        loss.backward()
+
+
+def test_split_counts_use_largest_remainder_and_feed_every_split():
+    assert split_counts(100, (0.8, 0.1, 0.1)) == [80, 10, 10]
+    assert split_counts(5, (0.8, 0.1, 0.1)) == [3, 1, 1]
+    assert split_counts(7, (0.5, 0.5, 0.0)) in ([4, 3, 0], [3, 4, 0])
+    assert split_counts(0, (0.8, 0.1, 0.1)) == [0, 0, 0]
+    with pytest.raises(ValueError, match="summing to 1"):
+        generate_shapesworld("unused", splits=(0.5, 0.2, 0.2))
+
+
+def test_default_sizes_generate_quickly(tmp_path):
+    start = time.perf_counter()
+    paths = generate_shapesworld(tmp_path, seed=3)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 10.0, f"100 images + 20 videos took {elapsed:.1f} s"
+    assert sum(len(load_annotations(p)) for p in paths.values()) > 100 * 6
+    assert len(list((tmp_path / "videos").iterdir())) == 20
+
+
+def test_the_built_in_tokenizer_covers_shapesworld():
+    from pixelrefer.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    unknown = [w for w in shapesworld_vocabulary() if tokenizer.convert_tokens_to_ids(w) == tokenizer.unk_token_id]
+    assert not unknown
