@@ -55,6 +55,10 @@ class PixelReferConfig(VideoLlama3Config):
         release_variable_token_count: an object with fewer foreground cells
             than n gets that many tokens (the release's PixelRefer) instead of
             n tokens with the empty ones masked out.
+        release_prompt_format: build prompts token for token as the release does:
+            text between special tokens tokenized as one string, user text
+            stripped around the `<image>`/`<video>` tag, and a Lite video object
+            written as one bracket of comma-separated `Time t:` units.
     """
 
     model_type = "pixelrefer"
@@ -83,6 +87,7 @@ class PixelReferConfig(VideoLlama3Config):
     freeze_vision_encoder: bool = True
     release_swapped_position_axes: bool = False
     release_variable_token_count: bool = False
+    release_prompt_format: bool = False
 
     def __post_init__(self, **kwargs):
         if self.framework not in FRAMEWORKS:

@@ -17,6 +17,11 @@ Notable:
   as many slots as cells).
 - `encode()` also returns where every token group sits (`TokenSpan`), which
   the attention analyses use instead of guessing from ids.
+- `release_prompt_format` reproduces the release's prompts token for token
+  (converted checkpoints set it): the text between two special-token runs is
+  tokenized as one string (a BPE token may then span two groups; it counts
+  for the group it starts in), user text is stripped around the modal tag,
+  and a Lite video object is `[Time 0.0:<REGION>…,Time 0.5:<REGION>…]`.
 - Bad input raises `InputError` naming the sample / object / frame.
 """
 
@@ -317,6 +322,8 @@ class PixelReferProcessor:
                 vision_done = True
             elif cfg.is_lite:
                 content = content.replace("<image>", "").replace("<video>", "")
+            if role == "user" and cfg.release_prompt_format:
+                content = content.strip()  # the release strips user text around the modal tag
             parts = re.split(f"({re.escape(REGION_PLACEHOLDER)})", content) if role != "assistant" else [content]
             for part in parts:
                 if part == REGION_PLACEHOLDER:
@@ -334,7 +341,9 @@ class PixelReferProcessor:
         tok = self.tokenizer
         ids, labels, attention, spans = [], [], [], []
 
-        def add(group, token_ids, supervised=False, obj=None, frame=None, attend=None):
+        pending = []  # (group, text, supervised): text waiting to be tokenized as one string
+
+        def emit(group, token_ids, supervised=False, obj=None, frame=None, attend=None):
             start = len(ids)
             ids.extend(token_ids)
             labels.extend(token_ids if supervised else [IGNORE_INDEX] * len(token_ids))
@@ -342,30 +351,77 @@ class PixelReferProcessor:
             if token_ids:
                 spans.append(TokenSpan(group, start, len(ids), obj, frame))
 
-        text_ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+        def flush():
+            for group, token_ids, supervised in self._merged_text_ids(pending):
+                emit(group, token_ids, supervised)
+            pending.clear()
+
+        def add(group, token_ids, obj=None, frame=None, attend=None):
+            flush()
+            emit(group, token_ids, obj=obj, frame=frame, attend=attend)
+
+        def add_text(group, text, supervised=False):
+            if cfg.release_prompt_format:
+                pending.append((group, text, supervised))
+            else:
+                emit(group, tok(text, add_special_tokens=False)["input_ids"], supervised)
+
         vision = self._vision_inputs(frames, is_video) if frames is not None and not cfg.is_lite else {}
         for group, text, obj, _ in pieces:
             if group == "vision":
                 for t, count in enumerate(vision["tokens_per_frame"]):
                     if is_video:
-                        add("template", text_ids(f"Time {times[t]:.1f}s:"))
+                        add_text("template", f"Time {times[t]:.1f}s:")
                     token = cfg.video_token_id if is_video else cfg.image_token_id
                     add("vision", [token] * count, frame=t if is_video else None)
-                    add("template", text_ids("," if is_video and t + 1 < len(vision["tokens_per_frame"]) else "\n"))
+                    add_text("template", "," if is_video and t + 1 < len(vision["tokens_per_frame"]) else "\n")
             elif group == "object":
-                for t, crop in units[obj]:
-                    if is_video and cfg.is_lite:
-                        add("template", text_ids(f"Time {times[t]:.1f}:"))
+                for k, (t, crop) in enumerate(units[obj]):
+                    before, after = self._unit_affixes(k, len(units[obj]), times[t] if is_video else None)
+                    for affix in before:
+                        add_text("template", affix)
                     valid = self._valid_tokens(crop)
                     slots = valid if cfg.release_variable_token_count else cfg.tokens_per_object
-                    add("template", text_ids("["))
                     add("object", [cfg.region_token_id] * slots, obj=obj, frame=t if is_video else None,
                         attend=[1] * valid + [0] * (slots - valid))
-                    add("template", text_ids("]"))
+                    for affix in after:
+                        add_text("template", affix)
             else:
-                add(group, text_ids(text), supervised=group == "answer")
+                add_text(group, text, supervised=group == "answer")
+        flush()
         return dict(ids=ids, labels=labels, attention=attention, spans=spans, vision=vision, units=units, frames=frames,
                     is_video=is_video)
+
+    def _unit_affixes(self, index: int, count: int, time: float | None) -> tuple[list[str], list[str]]:
+        """Text before and after the `index`-th of an object's `count` units (time None for an image)."""
+        if time is None or not self.config.is_lite:
+            return ["["], ["]"]
+        stamp = f"Time {time:.1f}:"
+        if not self.config.release_prompt_format:
+            return [stamp, "["], ["]"]
+        # The release writes one bracket per object: [Time 0.0:<REGION>…,Time 0.5:<REGION>…].
+        return [("[" if index == 0 else ",") + stamp], ["]"] if index == count - 1 else []
+
+    def _merged_text_ids(self, pieces: list) -> list[tuple[str, list[int], bool]]:
+        """Tokenize (group, text, supervised) pieces as ONE string, as the release does.
+
+        Returns (group, token_ids, supervised) runs; a token belongs to the piece its first character is in.
+        """
+        if not pieces:
+            return []
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError("release_prompt_format needs a fast tokenizer (it maps tokens back to text offsets)")
+        encoded = self.tokenizer("".join(p[1] for p in pieces), add_special_tokens=False, return_offsets_mapping=True)
+        ends = np.cumsum([len(p[1]) for p in pieces])
+        runs: list[tuple[str, list[int], bool]] = []
+        previous = None
+        for token_id, (start, _) in zip(encoded["input_ids"], encoded["offset_mapping"]):
+            owner = min(int(np.searchsorted(ends, start, side="right")), len(pieces) - 1)
+            if owner != previous:
+                runs.append((pieces[owner][0], [], pieces[owner][2]))
+                previous = owner
+            runs[-1][1].append(token_id)
+        return runs
 
     def _vision_inputs(self, frames, is_video) -> dict:
         """Vision-Object global inputs: an image at merge 1, or video frames at merge 2 (VideoLLaMA3)."""

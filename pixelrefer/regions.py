@@ -281,14 +281,16 @@ def position_grid(
     """Eq. 4 normalised image coordinates of each crop cell, float32 (gh, gw, 2) as (x, y).
 
     p_x(i, j) = ((j / gw) · w_b + x0) / (W - 1), p_y(i, j) = ((i / gh) · h_b + y0) / (H - 1),
-    with box the padded crop box.
+    with box the padded crop box. `swapped_axes=True` gives the release's values:
+    p_x(i, j) = ((j / gw) · (h_b - 1) + y0) / (W - 1), p_y(i, j) = ((i / gh) · (w_b - 1) + x0) / (H - 1).
     """
     x0, y0, x1, y1 = box
     w_b, h_b = x1 - x0, y1 - y0
     if swapped_axes:
-        # differs from the paper: the release stores (top, left, bottom, right) and
-        # reads it as (x0, y0, x1, y1); its checkpoints were trained on these values.
-        x0, y0, w_b, h_b = y0, x0, h_b, w_b
+        # differs from the paper: the release stores (top, left, bottom, right) with
+        # bottom/right inclusive (y1 - 1, x1 - 1) and reads it as (x0, y0, x1, y1);
+        # its checkpoints were trained on these values.
+        x0, y0, w_b, h_b = y0, x0, h_b - 1, w_b - 1
     px = ((np.arange(grid_w) / grid_w) * w_b + x0) / max(1, width - 1)  # (gw,)
     py = ((np.arange(grid_h) / grid_h) * h_b + y0) / max(1, height - 1)  # (gh,)
     grid = np.empty((grid_h, grid_w, 2), dtype=np.float32)

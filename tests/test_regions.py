@@ -96,10 +96,11 @@ def test_position_grid_hand_values():
 
 
 def test_position_grid_swapped_axes_hand_values():
-    # Release quirk: x0' = y0 = 20, y0' = x0 = 10, w_b' = h_b = 56, h_b' = w_b = 28.
+    # Release quirk: its box is (top, left, bottom, right) = (20, 10, 75, 37), bottom/right
+    # inclusive, read as (x0, y0, x1, y1): x0' = 20, y0' = 10, w_b' = 75 - 20 = 55, h_b' = 37 - 10 = 27.
     grid = regions.position_grid((10, 20, 38, 76), 4, 2, 201, 101, swapped_axes=True)
     np.testing.assert_allclose(grid[0, 0], [20 / 100, 10 / 200], rtol=1e-6)
-    np.testing.assert_allclose(grid[3, 1], [(0.5 * 56 + 20) / 100, (0.75 * 28 + 10) / 200], rtol=1e-6)
+    np.testing.assert_allclose(grid[3, 1], [(0.5 * 55 + 20) / 100, (0.75 * 27 + 10) / 200], rtol=1e-6)
 
 
 def test_position_grid_single_pixel_image_is_finite():
