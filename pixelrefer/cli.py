@@ -1,7 +1,7 @@
-"""Command line: `pixelrefer notebooks run [--preset …] [names…]`.
+"""Command line: `pixelrefer notebooks run …`, `data check|shapesworld …`, `convert SRC DST`.
 
-Each command group registers its own subparser (`_add_notebooks`); `train`,
-`ask`, `convert` and `eval` will be added the same way. Exit codes: 0 success,
+Each command group registers its own subparser (`_add_notebooks`, and
+`add_parser` of `pixelrefer.data.check` and `pixelrefer.convert`). Exit codes: 0 success,
 1 a notebook failed, 2 usage error (help is printed).
 """
 
@@ -11,6 +11,9 @@ import argparse
 import json
 import sys
 from typing import Any, Sequence
+
+from pixelrefer import convert as convert_commands
+from pixelrefer.data import check as data_commands
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pixelrefer", description="PixelRefer workbench")
     commands = parser.add_subparsers(dest="command", parser_class=_Parser)
     _add_notebooks(commands)
+    data_commands.add_parser(commands)
+    convert_commands.add_parser(commands)
     parser.set_defaults(handler=lambda args: _usage(parser))
     return parser
 

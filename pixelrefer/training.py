@@ -69,6 +69,7 @@ class TrainConfig:
     lr_llm: float | None = None
     lr_projector: float | None = None
     lr_object_encoder: float | None = None
+    lr_vision_encoder: float | None = None  # only for a model whose vision encoder is not frozen
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -81,7 +82,7 @@ class TrainConfig:
     def learning_rates(self) -> dict[str, float]:
         if self.stage not in STAGE_LEARNING_RATES:
             raise ValueError(f"stage must be 1 or 2, got {self.stage}")
-        rates = dict(STAGE_LEARNING_RATES[self.stage])
+        rates = dict(STAGE_LEARNING_RATES[self.stage], vision_encoder=None)
         for name in rates:
             if (value := getattr(self, f"lr_{name}")) is not None:
                 rates[name] = value
@@ -116,13 +117,17 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def parameter_groups(model, rates: dict[str, float], weight_decay: float) -> list[dict]:
-    """AdamW groups by module; the (frozen) vision encoder gets none."""
+def parameter_groups(model, rates: dict[str, float | None], weight_decay: float) -> list[dict]:
+    """AdamW groups by module; a frozen vision encoder gets none."""
     groups: dict[str, list] = {name: [] for name in rates}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        if name.startswith(("model.object_tokenizer", "model.infusion")):
+        if name.startswith("model.vision_model"):
+            if rates.get("vision_encoder") is None:
+                raise ValueError("the vision encoder is trainable but lr_vision_encoder is not set")
+            groups["vision_encoder"].append(parameter)
+        elif name.startswith(("model.object_tokenizer", "model.infusion")):
             groups["object_encoder"].append(parameter)
         elif name.startswith("model.projector"):
             groups["projector"].append(parameter)

@@ -54,7 +54,16 @@ def test_stage_learning_rates_and_frozen_vision_encoder(tmp_path):
     optimised = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     model = trainer.accelerator.unwrap_model(trainer.model)
     assert not any(id(p) in optimised for p in model.model.vision_model.parameters())
-    assert TrainConfig(stage=2).learning_rates() == STAGE_LEARNING_RATES[2]
+    assert TrainConfig(stage=2).learning_rates() == dict(STAGE_LEARNING_RATES[2], vision_encoder=None)
+
+
+def test_unfrozen_vision_encoder_needs_its_own_learning_rate(tmp_path):
+    unfrozen = dict(tiny_overrides(), freeze_vision_encoder=False)
+    with pytest.raises(ValueError, match="lr_vision_encoder is not set"):
+        Trainer(config(tmp_path, "v", model_overrides=unfrozen), samples())
+    trainer = Trainer(config(tmp_path, "v2", model_overrides=unfrozen, lr_vision_encoder=1e-4), samples())
+    rates = {g["name"]: g["initial_lr"] for g in trainer.optimizer.param_groups}
+    assert rates["vision_encoder"] == 1e-4
 
 
 def test_loss_goes_down(tmp_path):
