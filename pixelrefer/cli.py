@@ -1,7 +1,7 @@
-"""Command line: `pixelrefer notebooks run …`, `data check|shapesworld …`, `convert SRC DST`.
+"""Command line: `pixelrefer notebooks run …`, `data check|shapesworld …`, `convert SRC DST`, `train …`.
 
 Each command group registers its own subparser (`_add_notebooks`, and
-`add_parser` of `pixelrefer.data.check` and `pixelrefer.convert`). Exit codes: 0 success,
+`add_parser` of `pixelrefer.data.check`, `pixelrefer.convert` and `pixelrefer.training`). Exit codes: 0 success,
 1 a notebook failed, 2 usage error (help is printed).
 """
 
@@ -13,6 +13,7 @@ import sys
 from typing import Any, Sequence
 
 from pixelrefer import convert as convert_commands
+from pixelrefer import training as train_commands
 from pixelrefer.data import check as data_commands
 
 
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_notebooks(commands)
     data_commands.add_parser(commands)
     convert_commands.add_parser(commands)
+    train_commands.add_parser(commands)
     parser.set_defaults(handler=lambda args: _usage(parser))
     return parser
 

@@ -21,6 +21,14 @@ from pixelrefer.presets import preset_names
 from pixelrefer.processing import EncodedBatch, PixelReferProcessor
 
 
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+def embedded_models() -> list[str]:
+    """Trained checkpoints shipped inside the package (`shapes-tiny`, `shapes-tiny-lite`)."""
+    return sorted(p.name for p in ASSETS.iterdir() if (p / "config.json").exists()) if ASSETS.is_dir() else []
+
+
 @dataclass
 class Answer:
     """A generated answer with the encoded prompt it came from."""
@@ -49,16 +57,17 @@ def load(
     seed: int = 0,
     **config_overrides,
 ) -> tuple[PixelReferForConditionalGeneration, PixelReferProcessor]:
-    """Return (model, processor) for a preset name (random weights) or a local checkpoint folder.
+    """Return (model, processor) for an embedded model, a preset (random weights) or a local checkpoint folder.
 
     Args:
-        name_or_path: `tiny`, `2b`, `7b`, or a folder written by `save_pretrained`.
+        name_or_path: `shapes-tiny` / `shapes-tiny-lite` (trained, shipped), `tiny`, `2b`, `7b`, or a folder
+            written by `save_pretrained`.
         device: where the model lives.
         dtype: parameter dtype (default float32).
         seed: initialisation seed for preset (random-weight) models.
         **config_overrides: `PixelReferConfig` fields for presets, e.g. `framework="object_only"`.
     """
-    path = Path(name_or_path)
+    path = ASSETS / str(name_or_path) if str(name_or_path) in embedded_models() else Path(name_or_path)
     if path.is_dir():
         if config_overrides:
             raise ValueError(f"config overrides {sorted(config_overrides)} apply to presets, not to checkpoint {path}")
@@ -76,7 +85,8 @@ def load(
             model = PixelReferForConditionalGeneration(processor.config)
     else:
         raise ValueError(
-            f"{name_or_path!r} is neither a preset ({', '.join(preset_names())}) nor an existing checkpoint folder"
+            f"{name_or_path!r} is neither an embedded model ({', '.join(embedded_models()) or 'none shipped'}), "
+            f"a preset ({', '.join(preset_names())}) nor an existing checkpoint folder"
         )
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
@@ -101,3 +111,29 @@ def ask(
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample)
     new_tokens = output[0, inputs["input_ids"].shape[1] :].cpu()
     return Answer(processor.decode(new_tokens), new_tokens, encoded)
+
+
+@dataclass
+class Prediction:
+    """A model's answer to one annotated sample, next to the annotation's own answer."""
+
+    sample_id: str
+    task: str | None
+    question: str
+    prediction: str
+    reference: str
+
+
+def predict(model, processor, samples, *, max_new_tokens: int = 24) -> list[Prediction]:
+    """Answer each sample's first user turn (anything with `load_media()` and `conversation`, e.g. `pixelrefer.data.Sample`)."""
+    predictions = []
+    for sample in samples:
+        text, image, video, masks = sample.load_media()
+        first_answer = next(i for i, turn in enumerate(text) if turn["role"] == "assistant")
+        prompt, reference = text[:first_answer], text[first_answer]["content"]
+        used = sum(turn["content"].count("<region>") for turn in prompt)  # masks are consumed in prompt order
+        answer = ask(model, processor, prompt, image=image, video=video, masks=masks[:used],
+                     max_new_tokens=max_new_tokens)
+        predictions.append(Prediction(str(getattr(sample, "id", len(predictions))), getattr(sample, "task", None),
+                                      prompt[-1]["content"], answer.text, reference))
+    return predictions

@@ -61,9 +61,16 @@ FIGURE_SUFFIXES = (".png", ".html", ".svg")
 RECORDS: dict[str, Any] = {}
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "smoke": {"common": {"DEVICE": "cpu", "SEED": 0}},
+    "smoke": {
+        "common": {"DEVICE": "cpu", "SEED": 0},
+        "01_train": {"STEPS": 3, "BATCH_SIZE": 4, "DATASET_IMAGES": 12, "DATASET_VIDEOS": 3, "NUM_PREDICTIONS": 2},
+    },
     "teaching": {"common": {"DEVICE": "cpu", "SEED": 0}},
-    "paper": {"common": {"DEVICE": "cuda", "SEED": 0}, "00_quickstart": {"MODEL": "2b", "DTYPE": "bfloat16"}},
+    "paper": {
+        "common": {"DEVICE": "cuda", "SEED": 0},
+        "00_quickstart": {"MODEL": "2b", "DTYPE": "bfloat16"},
+        "01_train": {"STEPS": 2000, "BATCH_SIZE": 32, "DATASET_IMAGES": 4000, "DATASET_VIDEOS": 800, "NUM_PREDICTIONS": 32},
+    },
 }
 
 

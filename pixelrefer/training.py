@@ -61,6 +61,7 @@ class TrainConfig:
     model_overrides: dict = field(default_factory=dict)
     train_data: str = ""
     media_root: str | None = None
+    shapesworld: dict | None = None  # generate_shapesworld kwargs: used when train_data is empty
     output_dir: str = "runs/train"
     stage: int = 1
     steps: int = 100
@@ -98,6 +99,36 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"{path}: unknown TrainConfig fields {sorted(unknown)}")
         return cls(**data)
+
+
+TRAIN_PRESETS: dict[str, dict] = {
+    # The embedded defaults. The tiny model has no pretrained vision encoder, so unlike the paper (frozen
+    # SigLIP-NaViT) it trains the encoder too, and everything starts from random weights at a higher rate.
+    "shapes-tiny": dict(
+        model="tiny",
+        framework="vision_object",
+        model_overrides={"freeze_vision_encoder": False},
+        shapesworld=dict(seed=0, num_images=1000, num_videos=200),
+        output_dir="runs/train/shapes-tiny",
+        steps=800,
+        batch_size=16,
+        lr_llm=1e-3,
+        lr_projector=1e-3,
+        lr_object_encoder=1e-3,
+        lr_vision_encoder=3e-4,
+        save_every=100,
+    ),
+}
+TRAIN_PRESETS["shapes-tiny-lite"] = dict(
+    TRAIN_PRESETS["shapes-tiny"], framework="object_only", output_dir="runs/train/shapes-tiny-lite"
+)
+
+
+def preset_config(name: str, **overrides) -> TrainConfig:
+    """A `TrainConfig` from `TRAIN_PRESETS`, with keyword overrides."""
+    if name not in TRAIN_PRESETS:
+        raise KeyError(f"unknown training preset {name!r}; known: {', '.join(sorted(TRAIN_PRESETS))}")
+    return TrainConfig(**{**TRAIN_PRESETS[name], **overrides})
 
 
 @dataclass
@@ -285,6 +316,8 @@ class Trainer:
         final = self.output / "final"
         if self.step == cfg.steps:
             self.save_model(final)
+            if acc.is_main_process:
+                atomic_write_text(final / "loss_history.json", json.dumps(self.losses))
         return TrainResult(self.losses, final, self.skipped, time.perf_counter() - started)
 
     # ------------------------------------------------------------ checkpoints
@@ -375,10 +408,47 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
 
 
-def train(config: TrainConfig, samples: Sequence | None = None, **run_kwargs) -> TrainResult:
-    """Train as `config` says; samples default to `config.train_data` loaded with `pixelrefer.data`."""
-    if samples is None:
-        from pixelrefer.data.formats import load_annotations
+def training_samples(config: TrainConfig) -> list:
+    """The records `config` trains on: `train_data`, or a ShapesWorld generated into the output folder."""
+    from pixelrefer.data import generate_shapesworld, load_annotations
 
-        samples = load_annotations(config.train_data, config.media_root)
-    return Trainer(config, samples).run(**run_kwargs)
+    if config.train_data:
+        return load_annotations(config.train_data, config.media_root)
+    if not config.shapesworld:
+        raise ValueError("TrainConfig needs train_data or shapesworld")
+    root = Path(config.output_dir) / "shapesworld"
+    if not (root / "train.json").exists():
+        generate_shapesworld(root, **config.shapesworld)
+    return load_annotations(root / "train.json", root)
+
+
+def train(config: TrainConfig, samples: Sequence | None = None, **run_kwargs) -> TrainResult:
+    """Train as `config` says; samples default to `training_samples(config)`."""
+    return Trainer(config, samples if samples is not None else training_samples(config)).run(**run_kwargs)
+
+
+def add_parser(commands) -> None:
+    """`pixelrefer train (--preset NAME | --config FILE) [--set KEY=VALUE ...]`."""
+    parser = commands.add_parser("train", help="train a model (resumes from the output folder's last checkpoint)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", choices=sorted(TRAIN_PRESETS))
+    source.add_argument("--config", help="a TrainConfig JSON file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a TrainConfig field (value read as JSON when it parses)")
+    parser.set_defaults(handler=_train_command)
+
+
+def _train_command(args) -> int:
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    config = preset_config(args.preset, **overrides) if args.preset else TrainConfig(
+        **{**dataclasses.asdict(TrainConfig.load(args.config)), **overrides})
+    result = train(config)
+    print(f"{result.final_dir}: {len(result.losses)} steps, last loss {result.losses[-1]:.4f}, "
+          f"{result.seconds / 60:.1f} min, {len(result.skipped)} records skipped")
+    return 0

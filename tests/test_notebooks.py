@@ -1,6 +1,7 @@
 """Every notebook in notebooks/ runs headless under papermill (smoke preset); recorded numbers are checked."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,11 @@ def test_quickstart_records(smoke_run):
     assert records["valid_tokens_per_object"][1] >= 1
     assert records["answer_tokens"] >= 1
     assert (smoke_run / "00_quickstart" / "crops.png").stat().st_size > 0
+
+
+def test_train_records(smoke_run):
+    records = read_records(smoke_run / "01_train.records.jsonl")
+    assert records["steps"] == 3 and records["skipped"] == 0
+    assert all(map(math.isfinite, (records["first_loss"], records["final_loss"])))
+    assert len(records["predictions"]) == 2
+    assert (smoke_run / "01_train" / "loss.png").stat().st_size > 0

@@ -148,3 +148,20 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     single = Trainer(config(tmp_path, "single", batch_size=4, steps=3, save_every=100), samples()).run().losses
     # Same global batch and token-exact normalisation: only float summation order differs (gloo all-reduce).
     np.testing.assert_allclose(ddp["losses"], single, rtol=1e-4, atol=1e-5)
+
+
+def test_presets_and_the_train_command_generate_shapesworld_and_train(tmp_path, capsys):
+    from pixelrefer.cli import main
+    from pixelrefer.training import TRAIN_PRESETS, preset_config
+
+    assert preset_config("shapes-tiny-lite").framework == "object_only"
+    assert set(TRAIN_PRESETS) == {"shapes-tiny", "shapes-tiny-lite"}
+    with pytest.raises(KeyError, match="unknown training preset"):
+        preset_config("shapes-huge")
+    out = tmp_path / "cli"
+    code = main(["train", "--preset", "shapes-tiny-lite", "--set", f"output_dir={out}", "--set", "steps=2",
+                 "--set", "batch_size=2", "--set", 'shapesworld={"seed": 1, "num_images": 6, "num_videos": 2}',
+                 "--set", f"model_overrides={json.dumps(tiny_overrides())}"])
+    assert code == 0 and "2 steps" in capsys.readouterr().out
+    assert (out / "shapesworld" / "train.json").exists()
+    assert len(json.loads((out / "final" / "loss_history.json").read_text())) == 2
