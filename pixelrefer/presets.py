@@ -50,7 +50,7 @@ _PRESETS: dict[str, dict] = {
         oci_local_size=56,
         oci_global_size=112,
         oci_num_heads=4,
-        max_crop_pixels=112 * 112,
+        max_crop_pixels=224 * 224,
         image_min_pixels=28 * 28,
         image_max_pixels=112 * 112,
     ),

@@ -356,6 +356,10 @@ class Trainer:
         if _trajectory(saved) != _trajectory(self.config):
             raise ValueError(f"{path} was written by a different TrainConfig; use another output_dir")
         model = self.accelerator.unwrap_model(self.model)
+        differing = _config_differences(json.loads((path / "config.json").read_text()), model.config.to_diff_dict())
+        if differing:
+            raise ValueError(f"{path}: the model config differs from the checkpoint's in {differing}; "
+                             "use another output_dir")
         from safetensors.torch import load_file
 
         state = load_file(path / "model.safetensors")
@@ -377,6 +381,23 @@ def _trajectory(config: TrainConfig) -> dict:
     for name in ("output_dir", "save_every", "steps"):
         fields.pop(name)
     return fields
+
+
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "dtype", "torch_dtype", "architectures", "_name_or_path"}
+
+
+def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Keys (dotted) whose values differ between two model config dicts, ignoring bookkeeping keys."""
+    differing = []
+    for key in sorted(set(saved) | set(current)):
+        if key in _VOLATILE_CONFIG_KEYS:
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            differing += _config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            differing.append(f"{prefix}{key}")
+    return differing
 
 
 def _replace_dir(tmp: Path, path: Path) -> None:

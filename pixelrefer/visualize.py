@@ -61,3 +61,71 @@ def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 120) -> Path:
     os.replace(tmp.name, path)
     plt.close(fig)
     return path
+
+
+def plot_group_curves(curves, groups: tuple[str, ...] = ("object", "vision", "text"), per_token: bool = False) -> plt.Figure:
+    """Fig. 3's summary: how much attention `curves.query` tokens pay each group, layer by layer."""
+    values = curves.density if per_token else curves.mass
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for name in groups:
+        if name in values:
+            ax.plot(curves.layers, values[name], marker="o", ms=3, label=name)
+    ax.set_xlabel("LLM layer")
+    ax.set_ylabel(f"attention {'per key token' if per_token else 'mass'} from {curves.query} tokens")
+    ax.set_yscale("log" if per_token else "linear")
+    ax.legend(frameon=False)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_pooled_maps(pooled: dict[int, "np.ndarray"], spans, pool: int, title: str = "") -> plt.Figure:
+    """Fig. 3 panels: head-averaged attention maps pooled by `pool`, token groups marked on both axes."""
+    layers = sorted(pooled)
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.3 * len(layers), 3.5), squeeze=False)
+    colours = {"vision": "tab:blue", "object": "tab:red", "text": "tab:green", "answer": "tab:purple"}
+    for ax, layer in zip(axes[0], layers):
+        ax.imshow(np.asarray(pooled[layer]) ** 0.5, cmap="magma")  # square root: small masses stay visible
+        for span in spans:
+            if span.group in colours:
+                ax.axvspan(span.start / pool - 0.5, span.end / pool - 0.5, ymin=0, ymax=0.02,
+                           color=colours[span.group], lw=0)
+        ax.set_title(f"layer {layer}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
+    fig.legend(handles, list(colours), loc="lower center", ncol=4, frameon=False, fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    return fig
+
+
+def plot_similarity(before, after, title: str = "") -> plt.Figure:
+    """Fig. 7: cosine similarity of an object's cells before aggregation and of its tokens after."""
+    fig, axes = plt.subplots(1, 2, figsize=(7, 3.4))
+    for ax, matrix, name in zip(axes, (before, after), ("cells before aggregation", "tokens after aggregation")):
+        shown = ax.imshow(np.asarray(matrix), vmin=-1, vmax=1, cmap="coolwarm")
+        off = np.asarray(matrix)[~np.eye(len(matrix), dtype=bool)]
+        ax.set_title(f"{name}\nmean off-diagonal {off.mean():.2f}" if off.size else name, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(shown, ax=axes, shrink=0.8)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def plot_token_cells(crops: list[ObjectCrop], cell_maps: list, patch: int, names: list[str]) -> plt.Figure:
+    """Which object token each crop cell was merged into (cf. Fig. 11): one colour per token."""
+    fig, axes = plt.subplots(1, len(crops), figsize=(3.2 * len(crops), 3.4), squeeze=False)
+    palette = plt.get_cmap("tab20")
+    for ax, crop, cells, name in zip(axes[0], crops, cell_maps, names):
+        cells = np.asarray(cells)
+        overlay = np.zeros(cells.shape + (4,))
+        for token in np.unique(cells[cells >= 0]):
+            overlay[cells == token] = (*palette(int(token) % 20)[:3], 0.55)
+        ax.imshow(crop.pixels)
+        ax.imshow(np.kron(overlay, np.ones((patch, patch, 1))), interpolation="nearest")
+        ax.set_title(f"{name}: {len(np.unique(cells[cells >= 0]))} tokens", fontsize=9)
+        ax.set_axis_off()
+    fig.tight_layout()
+    return fig

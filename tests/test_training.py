@@ -165,3 +165,14 @@ def test_presets_and_the_train_command_generate_shapesworld_and_train(tmp_path, 
     assert code == 0 and "2 steps" in capsys.readouterr().out
     assert (out / "shapesworld" / "train.json").exists()
     assert len(json.loads((out / "final" / "loss_history.json").read_text())) == 2
+
+
+def test_resume_refuses_a_checkpoint_of_a_different_model_shape(tmp_path):
+    """A preset changed between runs (same TrainConfig) must not resume onto the old weights."""
+    Trainer(config(tmp_path, "shape"), samples()).run(stop_after=2)
+    saved = tmp_path / "shape" / "checkpoints" / "step-0000002" / "config.json"
+    data = json.loads(saved.read_text())
+    data["max_crop_pixels"] = 112 * 112
+    saved.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"model config differs from the checkpoint's in \['max_crop_pixels'\]"):
+        Trainer(config(tmp_path, "shape"), samples()).run()

@@ -5,8 +5,10 @@ from pixelrefer.analysis.similarity import ObjectSimilarity, object_similarity, 
 from pixelrefer.analysis.attention import (
     GROUPS,
     AttentionCapture,
+    GroupCurves,
     TokenGroups,
     capture_attention,
+    group_curves,
     token_groups,
 )
 
@@ -14,9 +16,11 @@ __all__ = [
     "GROUPS",
     "TABLE5",
     "AttentionCapture",
+    "GroupCurves",
     "ObjectSimilarity",
     "TokenGroups",
     "capture_attention",
+    "group_curves",
     "llm_flops",
     "object_similarity",
     "table5_comparison",

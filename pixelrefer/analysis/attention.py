@@ -248,3 +248,44 @@ def capture_attention(
     finally:
         _ACTIVE.remove(capture)
         text_config._attn_implementation = previous
+
+
+@dataclass
+class GroupCurves:
+    """Attention of one query group to every key group, per layer, averaged over heads and samples.
+
+    Attributes:
+        query: the query group (e.g. "answer").
+        layers: the layer indices, in order.
+        mass: {key group: [per layer]} fraction of the query's attention that lands on the group.
+        density: {key group: [per layer]} the same divided by the group's token count: attention per key token.
+    """
+
+    query: str
+    layers: list[int]
+    mass: dict[str, list[float]]
+    density: dict[str, list[float]]
+
+
+def group_curves(captures: list[AttentionCapture], query: str = "answer") -> GroupCurves:
+    """Per-layer attention of `query` tokens to each key group, pooled over several single-sample captures."""
+    names = captures[0].groups.names
+    q = names.index(query)
+    layers = sorted(captures[0].mass)
+    mass = {name: [] for name in names}
+    density = {name: [] for name in names}
+    for layer in layers:
+        per_sample_mass, per_sample_density = [], []
+        for capture in captures:
+            counts = capture.query_counts  # (B, G): tokens per group, also the key counts in a prefill
+            mean = capture.mean_attention(layer).mean(1)  # (B, Gq, Gk), heads averaged
+            has_query = counts[:, q] > 0
+            per_sample_mass.append(mean[has_query, q])
+            per_sample_density.append(mean[has_query, q] / counts[has_query].clamp(min=1))
+        stacked_mass, stacked_density = torch.cat(per_sample_mass), torch.cat(per_sample_density)
+        for k, name in enumerate(names):
+            mass[name].append(float(stacked_mass[:, k].mean()))
+            density[name].append(float(stacked_density[:, k].mean()))
+    present = {name for capture in captures for name, count in zip(names, capture.query_counts.sum(0)) if count > 0}
+    return GroupCurves(query, layers, {k: v for k, v in mass.items() if k in present},
+                       {k: v for k, v in density.items() if k in present})
