@@ -110,7 +110,7 @@ TRAIN_PRESETS: dict[str, dict] = {
         model_overrides={"freeze_vision_encoder": False},
         shapesworld=dict(seed=0, num_images=1000, num_videos=200),
         output_dir="runs/train/shapes-tiny",
-        steps=800,
+        steps=500,
         batch_size=16,
         lr_llm=1e-3,
         lr_projector=1e-3,
