@@ -64,12 +64,18 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "smoke": {
         "common": {"DEVICE": "cpu", "SEED": 0},
         "01_train": {"STEPS": 3, "BATCH_SIZE": 4, "DATASET_IMAGES": 12, "DATASET_VIDEOS": 3, "NUM_PREDICTIONS": 2},
+        "02_attention_maps": {"NUM_SAMPLES": 3},
+        "03_token_similarity": {"NUM_RECORDS": 4},
+        "04_efficiency": {"ITEMS": 2, "MAX_NEW_TOKENS": 4},
     },
     "teaching": {"common": {"DEVICE": "cpu", "SEED": 0}},
     "paper": {
         "common": {"DEVICE": "cuda", "SEED": 0},
         "00_quickstart": {"MODEL": "2b", "DTYPE": "bfloat16"},
         "01_train": {"STEPS": 2000, "BATCH_SIZE": 32, "DATASET_IMAGES": 4000, "DATASET_VIDEOS": 800, "NUM_PREDICTIONS": 32},
+        "02_attention_maps": {"MODEL": "2b", "DTYPE": "bfloat16", "NUM_SAMPLES": 24, "MAP_LAYERS": [0, 7, 14, 27]},
+        "03_token_similarity": {"MODEL": "2b", "NUM_RECORDS": 24},
+        "04_efficiency": {"MODELS": [["2b", "vision_object"], ["2b", "object_only"]], "DTYPE": "bfloat16", "ITEMS": 12},
     },
 }
 

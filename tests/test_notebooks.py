@@ -57,3 +57,29 @@ def test_train_records(smoke_run):
     assert all(map(math.isfinite, (records["first_loss"], records["final_loss"])))
     assert len(records["predictions"]) == 2
     assert (smoke_run / "01_train" / "loss.png").stat().st_size > 0
+
+
+def test_attention_maps_records(smoke_run):
+    records = read_records(smoke_run / "02_attention_maps.records.jsonl")
+    mass = records["answer_mass"]
+    assert len(records["layers"]) == len(mass["object"]) and records["samples"] == 3
+    for layer in range(len(records["layers"])):
+        assert sum(values[layer] for values in mass.values()) == pytest.approx(1.0, abs=1e-3)
+    if records["framework"] == "vision_object":
+        assert isinstance(records["F1_object_mass_above_vision_every_layer"], bool)
+        assert math.isfinite(records["F2_vision_mass_early_over_late"])
+    assert (smoke_run / "02_attention_maps" / "attention_maps.png").stat().st_size > 0
+
+
+def test_token_similarity_records(smoke_run):
+    records = read_records(smoke_run / "03_token_similarity.records.jsonl")
+    assert records["aggregated_objects"] > 0
+    assert -1 <= records["mean_similarity_after"] <= 1 and -1 <= records["mean_similarity_before"] <= 1
+    assert (smoke_run / "03_token_similarity" / "similarity.png").stat().st_size > 0
+
+
+def test_efficiency_records(smoke_run):
+    records = read_records(smoke_run / "04_efficiency.records.jsonl")
+    assert len(records["table5"]) == 8
+    assert 0 < records["F7_lite_over_vo_flops_measured"] < 1
+    assert all(p["seconds_per_item"] > 0 for p in records["profiles"])
