@@ -38,3 +38,21 @@ def demo_video(frames: int = 3, height: int = 96, width: int = 128) -> tuple[Vid
         square[t] = masks["square"]
         disc[t] = moved
     return Video(images, timestamps=[0.5 * t for t in range(frames)]), {"square": square, "disc": disc}
+
+
+def shapesworld_scene(seed: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One ShapesWorld picture (what the embedded models were trained on) and its objects' visible masks.
+
+    Names are "<size> <colour> <category>", numbered when two objects would share a name.
+    """
+    from pixelrefer.data.scenes import sample_scene
+
+    scene = sample_scene(np.random.default_rng(seed))
+    masks: dict[str, np.ndarray] = {}
+    for obj in scene.objects:
+        name = f"{obj.size} {obj.colour} {obj.category}"
+        key, k = name, 2
+        while key in masks:
+            key, k = f"{name} ({k})", k + 1
+        masks[key] = obj.mask
+    return scene.image, masks
