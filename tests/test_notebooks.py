@@ -83,3 +83,21 @@ def test_efficiency_records(smoke_run):
     assert len(records["table5"]) == 8
     assert 0 < records["F7_lite_over_vo_flops_measured"] < 1
     assert all(p["seconds_per_item"] > 0 for p in records["profiles"])
+
+
+@pytest.mark.parametrize("framework", ["vision_object", "object_only"])
+def test_analysis_notebooks_run_on_a_converted_release_checkpoint(tmp_path, framework):
+    """`-p MODEL=/path/to/converted` across the suite: a release-layout checkpoint, converted, then analysed."""
+    from pixelrefer.convert import convert_release
+    from tests.test_convert import write_release
+
+    write_release(tmp_path / "release", framework=framework)
+    convert_release(tmp_path / "release", tmp_path / "converted")
+    model = str(tmp_path / "converted")
+    run = run_notebooks(["00", "02", "03", "04"], "smoke", out_root=tmp_path / "runs",
+                        parameters={"MODEL": model, "MODELS": [[model, None]]})
+    quickstart = read_records(run / "00_quickstart.records.jsonl")
+    assert quickstart["framework"] == framework and quickstart["logits_finite"] is True
+    attention = read_records(run / "02_attention_maps.records.jsonl")
+    assert attention["framework"] == framework and attention["samples"] == 3
+    assert read_records(run / "04_efficiency.records.jsonl")["profiles"][0]["framework"] == framework
