@@ -1,7 +1,7 @@
-"""Command line: `pixelrefer notebooks run …`, `data check|shapesworld …`, `convert SRC DST`, `train …`.
+"""Command line: `pixelrefer notebooks run …`, `data check|shapesworld …`, `convert SRC DST`, `train …`, `eval …`.
 
 Each command group registers its own subparser (`_add_notebooks`, and
-`add_parser` of `pixelrefer.data.check`, `pixelrefer.convert` and `pixelrefer.training`). Exit codes: 0 success,
+`add_parser` of `pixelrefer.data.check`, `pixelrefer.convert`, `pixelrefer.training` and `pixelrefer.evaluation.runners`). Exit codes: 0 success,
 1 a notebook failed, 2 usage error (help is printed).
 """
 
@@ -15,6 +15,7 @@ from typing import Any, Sequence
 from pixelrefer import convert as convert_commands
 from pixelrefer import training as train_commands
 from pixelrefer.data import check as data_commands
+from pixelrefer.evaluation import runners as eval_commands
 
 
 class _Parser(argparse.ArgumentParser):
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands.add_parser(commands)
     convert_commands.add_parser(commands)
     train_commands.add_parser(commands)
+    eval_commands.add_parser(commands)
     parser.set_defaults(handler=lambda args: _usage(parser))
     return parser
 

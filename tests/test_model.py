@@ -192,7 +192,7 @@ def test_load_preset_warns_and_checkpoint_round_trips(tmp_path, scene):
     a = pixelrefer.ask(model, processor, PROMPT, image=image, masks=[masks["disc"]], max_new_tokens=3)
     b = pixelrefer.ask(again, again_processor, PROMPT, image=image, masks=[masks["disc"]], max_new_tokens=3)
     assert torch.equal(a.token_ids, b.token_ids) and again.config.is_lite
-    with pytest.raises(ValueError, match="neither a preset"):
+    with pytest.raises(ValueError, match="neither an embedded model"):
         pixelrefer.load(tmp_path / "missing")
     with pytest.raises(ValueError, match="apply to presets"):
         pixelrefer.load(tmp_path, framework="vision_object")
