@@ -67,8 +67,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "02_attention_maps": {"NUM_SAMPLES": 3},
         "03_token_similarity": {"NUM_RECORDS": 4},
         "04_efficiency": {"ITEMS": 2, "MAX_NEW_TOKENS": 4},
+        "05_evaluation": {"DATASET_IMAGES": 10, "DATASET_VIDEOS": 4, "MAX_NEW_TOKENS": 8, "METEOR": False},
     },
-    "teaching": {"common": {"DEVICE": "cpu", "SEED": 0}},
+    "teaching": {
+        "common": {"DEVICE": "cpu", "SEED": 0},
+        "05_evaluation": {"LIMIT": 200},
+    },
     "paper": {
         "common": {"DEVICE": "cuda", "SEED": 0},
         "00_quickstart": {"MODEL": "2b", "DTYPE": "bfloat16"},
@@ -76,6 +80,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "02_attention_maps": {"MODEL": "2b", "DTYPE": "bfloat16", "NUM_SAMPLES": 24, "MAP_LAYERS": [0, 7, 14, 27]},
         "03_token_similarity": {"MODEL": "2b", "NUM_RECORDS": 24},
         "04_efficiency": {"MODELS": [["2b", "vision_object"], ["2b", "object_only"]], "DTYPE": "bfloat16", "ITEMS": 12},
+        "05_evaluation": {"LIMIT": None, "BATCH_SIZE": 32},
     },
 }
 

@@ -40,9 +40,9 @@ Notable:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from pixelrefer.data import load_annotations
 from pixelrefer.data.formats import parse_record, read_records
@@ -85,6 +85,10 @@ class Query:
     def prompt(self) -> list[dict[str, str]]:
         return self.sample.conversation[: self.turn + 1]
 
+    @property
+    def question(self) -> str:
+        return self.prompt[-1]["content"]
+
     def load(self) -> SampleInputs:
         """The prompt, the media and the masks of the prompt's `<region>`s; errors name the query and record."""
         try:
@@ -98,7 +102,7 @@ class Query:
         """The JSONL record of this query's answer."""
         meta = self.sample.meta
         record = dict(id=self.id, where=self.where, task=self.task, metric=self.metric,
-                      question=self.prompt[-1]["content"], prediction=prediction, reference=self.reference)
+                      question=self.question, prediction=prediction, reference=self.reference)
         if self.metric == "choice":
             record.update(type=meta.get("type", ""), options=meta.get("options"))
         return record
@@ -302,6 +306,8 @@ def load_queries(benchmark: str | Benchmark, path: str | Path, *, media_root: st
         key_frame_only: one masked frame per video object (single-frame mode).
     """
     spec = get_benchmark(benchmark)
+    if prompt is not None and REGION not in prompt:
+        raise ValueError(f"{spec.name}: the prompt must say where the region goes with {REGION}, got {prompt!r}")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{spec.name}: benchmark file {path} does not exist")

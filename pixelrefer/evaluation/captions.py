@@ -21,10 +21,13 @@ Notable:
   to mean anything (one sample always scores 0).
 - pycocoevalcap prints progress from BLEU; it is called with verbose=0 so
   library code stays silent.
+- METEOR's Java process takes seconds to start (it loads paraphrase
+  tables), so one is kept per Python process and closed at exit.
 """
 
 from __future__ import annotations
 
+import atexit
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -91,14 +94,26 @@ def _tokenize(captions: dict[str, list[str]], use_java: bool) -> dict[str, list[
     return PTBTokenizer().tokenize({key: [{"caption": c} for c in texts] for key, texts in captions.items()})
 
 
+_METEOR = None  # one METEOR Java process per Python process: it takes 5-20 s to start (paraphrase tables)
+
+
 def _meteor(references: dict[str, list[str]], candidates: dict[str, list[str]]) -> tuple[float, list[float]]:
+    global _METEOR
     from pycocoevalcap.meteor.meteor import Meteor
 
-    scorer = Meteor()
-    try:
-        return scorer.compute_score(references, candidates)
-    finally:
-        del scorer  # its __del__ closes the Java process now, not at interpreter exit
+    if _METEOR is None or _METEOR.meteor_p.poll() is not None:
+        _METEOR = Meteor()
+        atexit.register(_close_meteor)
+    return _METEOR.compute_score(references, candidates)
+
+
+def _close_meteor() -> None:
+    global _METEOR
+    if _METEOR is not None:
+        process, _METEOR = _METEOR.meteor_p, None
+        process.stdin.close()
+        process.kill()
+        process.wait()
 
 
 def caption_scores(predictions: list[str], references: list[str] | list[list[str]], *,
@@ -125,16 +140,22 @@ def caption_scores(predictions: list[str], references: list[str] | list[list[str
     java = java_available() if use_java is None else use_java
     notes = ["SPICE: unavailable offline (it downloads Stanford CoreNLP models at first use); reported as None"]
     if not java:
-        notes.append(f"Java not found: METEOR not computed and text tokenised without the Stanford PTB tokenizer; "
-                     f"{JAVA_HINT}")
+        why = "Java not used (use_java=False)" if use_java is False else f"Java not found ({JAVA_HINT})"
+        notes.append(f"{why}: METEOR not computed and text tokenised by simple_tokenize, not the Stanford PTB "
+                     f"tokenizer")
+    elif not meteor:
+        notes.append("METEOR not computed (meteor=False)")
     keys = [str(i) for i in range(len(predictions))]
     candidates = {k: [truncate_words(p, max_words)] for k, p in zip(keys, predictions)}
+    # One tokenizer call for references and candidates: the PTB tokenizer is a Java start-up each time.
+    captions = {**{f"g{k}": r for k, r in zip(keys, refs)}, **{f"r{k}": c for k, c in candidates.items()}}
     try:
-        gts, res = _tokenize(dict(zip(keys, refs)), java), _tokenize(candidates, java)
+        tokens = _tokenize(captions, java)
     except OSError as exc:  # e.g. a read-only pycocoevalcap folder (the PTB wrapper writes its input there)
         java = False
         notes.append(f"Stanford PTB tokenizer failed ({exc}); text tokenised by simple_tokenize, METEOR skipped")
-        gts, res = _tokenize(dict(zip(keys, refs)), False), _tokenize(candidates, False)
+        tokens = _tokenize(captions, False)
+    gts, res = {k: tokens[f"g{k}"] for k in keys}, {k: tokens[f"r{k}"] for k in keys}
     bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
     rouge, rouge_each = Rouge().compute_score(gts, res)
     cider, cider_each = Cider().compute_score(gts, res)
@@ -146,6 +167,7 @@ def caption_scores(predictions: list[str], references: list[str] | list[list[str
             meteor_score, meteor_each = _meteor(gts, res)
             per_sample["METEOR"] = [float(v) for v in meteor_each]
         except (OSError, ValueError) as exc:  # Java present but the METEOR process failed
+            _close_meteor()
             notes.append(f"METEOR failed ({type(exc).__name__}: {exc}); the other metrics are unaffected")
     return CaptionScores([float(b) for b in bleu], meteor_score, float(rouge), float(cider), None, len(keys),
                          "ptb" if java else "simple", notes, per_sample)

@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Union
 
-Judge = Callable[[str], Union[str, float, int]]
+Judge = Callable[[str], str | float | int]
 VIDEO_D_DIMENSIONS = {"SC": "Subject Correspondence", "AD": "Appearance Description",
                       "TD": "Temporal Description", "HD": "Hallucination Detection"}
 _NUMBER = re.compile(r"-?\d*\.?\d+")
