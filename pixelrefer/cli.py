@@ -1,7 +1,7 @@
-"""Command line: `pixelrefer notebooks run …`, `data check|shapesworld …`, `convert SRC DST`, `train …`, `eval …`.
+"""Command line: `pixelrefer notebooks run …`, `data check|shapesworld …`, `convert SRC DST`, `train …`, `eval …`, `ablate …`.
 
 Each command group registers its own subparser (`_add_notebooks`, and
-`add_parser` of `pixelrefer.data.check`, `pixelrefer.convert`, `pixelrefer.training` and `pixelrefer.evaluation.runners`). Exit codes: 0 success,
+`add_parser` of `pixelrefer.data.check`, `pixelrefer.convert`, `pixelrefer.training`, `pixelrefer.evaluation.runners` and `pixelrefer.analysis.ablations`). Exit codes: 0 success,
 1 a notebook failed, 2 usage error (help is printed).
 """
 
@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from pixelrefer import convert as convert_commands
 from pixelrefer import training as train_commands
+from pixelrefer.analysis import ablations as ablate_commands
 from pixelrefer.data import check as data_commands
 from pixelrefer.evaluation import runners as eval_commands
 
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert_commands.add_parser(commands)
     train_commands.add_parser(commands)
     eval_commands.add_parser(commands)
+    ablate_commands.add_parser(commands)
     parser.set_defaults(handler=lambda args: _usage(parser))
     return parser
 

@@ -60,6 +60,15 @@ FIGURE_SUFFIXES = (".png", ".html", ".svg")
 # Values recorded in this process (a notebook kernel, or a plain session).
 RECORDS: dict[str, Any] = {}
 
+# Ablation studies train one tiny model per variant: a few steps to exercise the path (smoke), a
+# miniature that fits `make workbench`'s CPU budget (teaching), longer runs on a GPU (paper).
+_SMOKE_STUDY = {"STEPS": 2, "BATCH_SIZE": 2, "DATASET_IMAGES": 12, "DATASET_VIDEOS": 2, "EVAL_RECORDS": 2,
+                "LOSS_RECORDS": 3}
+_TEACHING_STUDY = {"STEPS": 30, "BATCH_SIZE": 8, "DATASET_IMAGES": 200, "DATASET_VIDEOS": 20, "EVAL_RECORDS": 20,
+                   "LOSS_RECORDS": 32}
+_PAPER_STUDY = {"STEPS": 1500, "BATCH_SIZE": 32, "DATASET_IMAGES": 4000, "DATASET_VIDEOS": 400, "EVAL_RECORDS": 200,
+                "LOSS_RECORDS": 256, "MIXED_PRECISION": "bf16"}
+
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "smoke": {
         "common": {"DEVICE": "cpu", "SEED": 0},
@@ -68,10 +77,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "03_token_similarity": {"NUM_RECORDS": 4},
         "04_efficiency": {"ITEMS": 2, "MAX_NEW_TOKENS": 4},
         "05_evaluation": {"DATASET_IMAGES": 10, "DATASET_VIDEOS": 4, "MAX_NEW_TOKENS": 8, "METEOR": False},
+        "07_token_scaling": {"TOKEN_COUNTS": [1, 8, 32], **_SMOKE_STUDY},
+        "08_ablations": dict(_SMOKE_STUDY),
     },
     "teaching": {
         "common": {"DEVICE": "cpu", "SEED": 0},
         "05_evaluation": {"LIMIT": 200},
+        "07_token_scaling": {"TOKEN_COUNTS": [1, 8, 32], **_TEACHING_STUDY},
+        "08_ablations": dict(_TEACHING_STUDY),
     },
     "paper": {
         "common": {"DEVICE": "cuda", "SEED": 0},
@@ -81,6 +94,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "03_token_similarity": {"MODEL": "2b", "NUM_RECORDS": 24},
         "04_efficiency": {"MODELS": [["2b", "vision_object"], ["2b", "object_only"]], "DTYPE": "bfloat16", "ITEMS": 12},
         "05_evaluation": {"LIMIT": None, "BATCH_SIZE": 32},
+        "07_token_scaling": dict(_PAPER_STUDY),
+        "08_ablations": dict(_PAPER_STUDY),
     },
 }
 

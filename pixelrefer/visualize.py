@@ -129,3 +129,68 @@ def plot_token_cells(crops: list[ObjectCrop], cell_maps: list, patch: int, names
         ax.set_axis_off()
     fig.tight_layout()
     return fig
+
+
+def plot_token_scaling(rows: list[dict]) -> plt.Figure:
+    """Table 7 / Fig. 10 style: category accuracy and held-out loss against n, one line per framework."""
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for framework, label in (("vision_object", "Vision-Object"), ("object_only", "Object-Only")):
+        points = sorted((int(r["variant"].split("=")[1]), r) for r in rows if r["framework"] == framework)
+        if not points:
+            continue
+        ns = [n for n, _ in points]
+        acc_ax.plot(ns, [100 * r["category_acc"] for _, r in points], marker="o", label=label)
+        loss_ax.plot(ns, [r["heldout_loss"] for _, r in points], marker="o", label=label)
+    for ax, title in ((acc_ax, "category exact match (%)"), (loss_ax, "held-out loss")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("object tokens n")
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_ablation_bars(rows: list[dict], title: str = "") -> plt.Figure:
+    """Fig. 12 style: per variant, category accuracy on small and on large regions, and the held-out loss."""
+    names = [r["variant"] for r in rows]
+    x = np.arange(len(rows))
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 3.4), gridspec_kw=dict(width_ratios=[3, 2]))
+    acc_ax.bar(x - 0.2, [100 * r["small_acc"] for r in rows], 0.4, label="small regions")
+    acc_ax.bar(x + 0.2, [100 * r["large_acc"] for r in rows], 0.4, label="large regions")
+    acc_ax.set_title("category exact match (%)")
+    loss_ax.bar(x, [r["heldout_loss"] for r in rows], 0.6, color="gray")
+    loss_ax.set_title("held-out loss (lower is better)")
+    for ax in (acc_ax, loss_ax):
+        ax.set_xticks(x, names, rotation=20, ha="right")
+    acc_ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def show_video_regions(frames: list, masks: dict[str, dict[int, np.ndarray]], times: list[float] | None = None,
+                       columns: int = 8, alpha: float = 0.5) -> plt.Figure:
+    """Frames in a grid, each with the masks it has tinted (object k in colour k) and its time as title.
+
+    `masks` maps an object's name to {frame position: bool mask}; the legend lists the names as `<objectK>`.
+    """
+    rows = -(-len(frames) // columns)
+    fig, axes = plt.subplots(rows, min(columns, len(frames)), squeeze=False,
+                             figsize=(1.9 * min(columns, len(frames)), 2.1 * rows))
+    for t, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        if t >= len(frames):
+            continue
+        tinted = np.asarray(frames[t], dtype=np.float32)
+        for k, per_frame in enumerate(masks.values()):
+            if t in per_frame:
+                mask = np.asarray(per_frame[t], dtype=bool)
+                tinted[mask] = (1 - alpha) * tinted[mask] + alpha * COLOURS[k % len(COLOURS)]
+        ax.imshow(tinted.astype(np.uint8))
+        ax.set_title(f"{times[t]:.2f} s" if times is not None else f"frame {t}", fontsize=8)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=COLOURS[k % len(COLOURS)] / 255) for k in range(len(masks))]
+    fig.legend(handles, [f"<object{k}> {name}" for k, name in enumerate(masks)], loc="lower center",
+               ncol=min(len(masks), 2), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.04 * ((len(masks) - 1) // 2), 1, 1))
+    return fig

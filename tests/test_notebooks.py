@@ -85,6 +85,35 @@ def test_efficiency_records(smoke_run):
     assert all(p["seconds_per_item"] > 0 for p in records["profiles"])
 
 
+def _check_rows(rows, expected):
+    assert [(r["framework"], r["variant"]) for r in rows] == expected
+    for row in rows:
+        assert row["objects"] == row["small_objects"] + row["large_objects"] > 0
+        assert 0 <= row["category_acc"] <= 1 and math.isfinite(row["heldout_loss"]) and row["heldout_loss"] > 0
+
+
+def test_token_scaling_records(smoke_run):
+    records = read_records(smoke_run / "07_token_scaling.records.jsonl")
+    assert records["settings"]["steps"] == 2
+    _check_rows(records["rows"], [(f, f"n={n}") for f in ("vision_object", "object_only") for n in (1, 8, 32)])
+    findings = records["findings"]
+    assert findings["lite_n"] == findings["vo_n"] == [1, 8, 32]
+    assert isinstance(records["F4_lite_steady_vo_plateau"], bool)
+    assert (smoke_run / "07_token_scaling" / "token_scaling.png").stat().st_size > 0
+
+
+def test_ablation_records(smoke_run):
+    records = read_records(smoke_run / "08_ablations.records.jsonl")
+    _check_rows(records["saot_rows"], [("vision_object", v) for v in
+                                       ("mask pooling", "w/o expansion", "w/o position emb.", "full")])
+    _check_rows(records["oci_rows"], [("object_only", v) for v in ("none", "local only", "global only", "local + global")])
+    assert isinstance(records["F5_saot_beats_mask_pooling_most_on_small"], bool)
+    assert isinstance(records["F6_local_global_best"], bool)
+    assert records["oci_findings"]["best_by_loss"] in {r["variant"] for r in records["oci_rows"]}
+    for name in ("saot.png", "oci.png"):
+        assert (smoke_run / "08_ablations" / name).stat().st_size > 0
+
+
 @pytest.mark.parametrize("framework", ["vision_object", "object_only"])
 def test_analysis_notebooks_run_on_a_converted_release_checkpoint(tmp_path, framework):
     """`-p MODEL=/path/to/converted` across the suite: a release-layout checkpoint, converted, then analysed."""
