@@ -27,6 +27,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -200,7 +201,9 @@ class Trainer:
         overrides = {"framework": config.framework, **config.model_overrides}
         if Path(config.model).is_dir():
             overrides = {}  # a checkpoint brings its own config
-        model, self.processor = load(config.model, seed=config.seed, **overrides)
+        with warnings.catch_warnings():  # random weights are what training starts from
+            warnings.filterwarnings("ignore", message="preset .* has random weights")
+            model, self.processor = load(config.model, seed=config.seed, **overrides)
         model.train()
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable()

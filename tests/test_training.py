@@ -176,3 +176,57 @@ def test_resume_refuses_a_checkpoint_of_a_different_model_shape(tmp_path):
     saved.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"model config differs from the checkpoint's in \['max_crop_pixels'\]"):
         Trainer(config(tmp_path, "shape"), samples()).run()
+
+
+def _train_command(config_path, **popen):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return subprocess.Popen([sys.executable, "-m", "pixelrefer.cli", "train", "--config", str(config_path)],
+                            env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
+
+
+@pytest.mark.slow
+def test_training_killed_with_sigkill_resumes_to_identical_losses(tmp_path):
+    """The process dies without warning (SIGKILL, mid-step or mid-save); rerunning the command finishes the run
+    with the losses of a run that was never interrupted."""
+    import signal
+    import time
+
+    shapes = dict(seed=5, num_images=10, num_videos=2)
+    for name in ("whole", "killed"):
+        config(tmp_path, name, steps=8, save_every=2, shapesworld=shapes).save(tmp_path / f"{name}.json")
+    whole = _train_command(tmp_path / "whole.json")
+    assert whole.wait(timeout=600) == 0, whole.stderr.read()[-3000:]
+
+    killed = _train_command(tmp_path / "killed.json")
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not (checkpoints / "step-0000002").exists():
+        assert killed.poll() is None, "training ended before it could be killed"
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "final").exists(), "the run finished before the kill: the test proves nothing"
+
+    resumed = _train_command(tmp_path / "killed.json")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
+    expected = json.loads((tmp_path / "whole" / "final" / "loss_history.json").read_text())
+    got = json.loads((tmp_path / "killed" / "final" / "loss_history.json").read_text())
+    assert len(expected) == 8
+    assert got == expected, "a SIGKILLed run must resume bit-identically in float32 on CPU"
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    """The GPU recipe's mixed_precision="bf16" path (accelerate autocast) runs and keeps float32 master weights."""
+    trainer = Trainer(config(tmp_path, "bf16", steps=2, save_every=100, mixed_precision="bf16"), samples())
+    losses = trainer.run().losses
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
