@@ -5,9 +5,9 @@ Notable:
   sample is loaded (`Sample.load_media`) or validated (`pixelrefer data check`).
 - `probe_*` functions read headers only (PIL's lazy open, PyAV's stream
   info): the validator checks sizes and frame ranges without decoding pixels.
-- Video files need PyAV (`pip install av`), imported only when a video file is
-  met. Only the requested frames are decoded, in one forward pass that stops
-  after the last of them; their times come from the stream's average rate.
+- Video files go through `pixelrefer.video` (PyAV, imported only when a video
+  file is met): only the requested frames are decoded, each found by seeking
+  to its keyframe; their times come from the stream's average rate.
 - Every failure is an `InputError` whose message starts with `where` (the
   record) and names the file.
 """
@@ -20,8 +20,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from pixelrefer.errors import InputError
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+from pixelrefer.video import IMAGE_SUFFIXES, open_container, open_video, stream_fps
 
 
 @dataclass
@@ -86,34 +85,11 @@ def probe_frames(paths: list[Path], where: str) -> MediaInfo:
     return MediaInfo(height=height, width=width, num_frames=len(paths))
 
 
-def _open_video(path: Path, where: str):
-    _require_file(path, "video file", where)
-    try:
-        import av
-    except ImportError as exc:
-        raise InputError(f"{where}: reading video file {path} needs PyAV (pip install av)") from exc
-    try:
-        container = av.open(str(path))
-    except (av.FFmpegError, OSError) as exc:
-        raise InputError(f"{where}: cannot open video {path}: {exc}") from exc
-    if not container.streams.video:
-        container.close()
-        raise InputError(f"{where}: {path} has no video stream")
-    return container
-
-
-def _stream_fps(stream, path: Path, where: str) -> float:
-    rate = stream.average_rate or stream.guessed_rate
-    if not rate or float(rate) <= 0:
-        raise InputError(f"{where}: video {path} has no frame rate to compute timestamps from")
-    return float(rate)
-
-
 def probe_video_file(path: Path, where: str) -> MediaInfo:
     """Size, frame count and frame rate of a video file (counts packets when the header has no count)."""
-    with _open_video(path, where) as container:
+    with open_container(path, where) as container:
         stream = container.streams.video[0]
-        fps = _stream_fps(stream, path, where)
+        fps = stream_fps(stream, path, where)
         height, width = stream.codec_context.height, stream.codec_context.width
         count = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
     return MediaInfo(height=height, width=width, num_frames=count, fps=fps)
@@ -123,19 +99,6 @@ def read_video_frames(path: Path, indices: list[int], where: str) -> tuple[list[
     """Decode the frames at `indices` of a video file, in index order; return them and the fps."""
     if not indices:
         raise InputError(f"{where}: no frame indices to read from video {path}")
-    wanted, last = set(indices), max(indices)
-    frames: dict[int, Image.Image] = {}
-    count = 0
-    with _open_video(path, where) as container:
-        stream = container.streams.video[0]
-        fps = _stream_fps(stream, path, where)
-        for t, frame in enumerate(container.decode(stream)):
-            count = t + 1
-            if t in wanted:
-                frames[t] = frame.to_image().convert("RGB")
-            if t >= last:
-                break
-    missing = sorted(wanted - frames.keys())
-    if missing:
-        raise InputError(f"{where}: frame index {missing[0]} is out of range (video {path} has {count} frames)")
-    return [frames[t] for t in sorted(wanted)], fps
+    with open_video(path, where=where) as video:
+        frames = video.read(sorted(set(indices)))
+        return [Image.fromarray(f) for f in frames], video.fps
