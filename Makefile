@@ -23,6 +23,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# The sam2 package (second SAM 2 backend): its video predictor never imports the torchvision it declares,
+	# so it goes in without dependencies or CUDA extension; hydra-core and iopath are what it imports.
+	$(PY) -m pip install --quiet 'setuptools>=70.1' hydra-core iopath
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install --quiet --no-build-isolation --no-deps 'sam2==1.1.0'
 	mkdir -p $(dir $(STAMP))
 	touch $(STAMP)
 
