@@ -4,6 +4,7 @@ Public entry points:
     PixelReferConfig.from_preset(name)      `tiny`, `2b`, `7b`
     PixelReferForConditionalGeneration(config)
     PixelReferProcessor.from_preset(name)   prompts, images, videos, masks → inputs
+    open_video(path) / MaskPropagator       video frames, sampling, SAM 2 mask propagation
     InputError                              every rejected input
 """
 
@@ -15,6 +16,8 @@ from pixelrefer.modeling import PixelReferForConditionalGeneration, PixelReferMo
 from pixelrefer.inference import Answer, ask, load
 from pixelrefer.presets import preset_names
 from pixelrefer.processing import PixelReferProcessor, Video
+from pixelrefer.propagation import MaskPropagator, ObjectPrompt
+from pixelrefer.video import SampledVideo, open_video, sample_video
 
 AutoConfig.register(PixelReferConfig.model_type, PixelReferConfig, exist_ok=True)
 
@@ -23,12 +26,17 @@ __version__ = "0.1.0"
 __all__ = [
     "Answer",
     "InputError",
+    "MaskPropagator",
+    "ObjectPrompt",
     "PixelReferConfig",
     "PixelReferForConditionalGeneration",
     "PixelReferModel",
     "PixelReferProcessor",
+    "SampledVideo",
     "Video",
     "ask",
     "load",
+    "open_video",
     "preset_names",
+    "sample_video",
 ]

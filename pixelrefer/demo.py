@@ -56,3 +56,18 @@ def shapesworld_scene(seed: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]
             key, k = f"{name} ({k})", k + 1
         masks[key] = obj.mask
     return scene.image, masks
+
+
+def shapesworld_video(seed: int = 0, num_frames: int = 8, fps: float = 2.0,
+                      size: int = 128) -> tuple[Video, dict[str, dict[int, np.ndarray]]]:
+    """A ShapesWorld video (shapes that move, appear or disappear) and each object's visible mask per frame.
+
+    Names are "<size> <colour> <category> that <motion>", e.g. "small red circle that moves left";
+    an object's masks cover only the frames it is seen on.
+    """
+    from pixelrefer.data.scenes import sample_video
+    from pixelrefer.data.tasks import motion_phrase
+
+    scene = sample_video(np.random.default_rng(seed), size, size, num_frames, fps)
+    masks = {f"{t.size} {t.colour} {t.category} that {motion_phrase(t)}": t.masks for t in scene.tracks}
+    return Video(scene.frames, timestamps=scene.timestamps, fps=fps), masks

@@ -85,6 +85,33 @@ def test_efficiency_records(smoke_run):
     assert all(p["seconds_per_item"] > 0 for p in records["profiles"])
 
 
+def test_video_records(smoke_run):
+    from pixelrefer.video import uniform_indices
+
+    records = read_records(smoke_run / "06_video.records.jsonl")
+    assert records["video_frames"] == 8 and records["sampled_indices"] == uniform_indices(8, 4)
+    assert records["timestamps"] == pytest.approx([t / 4 for t in records["sampled_indices"]])
+    assert records["prompt"]["frame"] in records["sampled_indices"] and records["prompt"]["click"] is not None
+    assert records["mask_source"] == "ground truth" and records["mask_iou"] == 1.0
+    assert records["object_units"] == len(records["mask_positions"]) > 0
+    groups = records["token_groups"]
+    assert groups["object"] % records["object_units"] == 0, "every unit has the same n slots"
+    assert (groups.get("vision", 0) > 0) == (records["framework"] == "vision_object")
+    assert records["answer_names_colour"] is True, records["answer"]
+    assert (smoke_run / "06_video" / "frames.png").stat().st_size > 0
+
+
+def test_video_notebook_tracks_with_a_sam2_checkpoint(tmp_path):
+    """`-p SAM2_CHECKPOINT=…`: the click goes through MaskPropagator (a tiny random transformers SAM 2)."""
+    from tests.test_propagation import write_tiny_transformers_sam2
+
+    checkpoint = write_tiny_transformers_sam2(tmp_path / "sam2", size=128)
+    run = run_notebooks(["06"], "smoke", out_root=tmp_path / "runs", parameters={"SAM2_CHECKPOINT": str(checkpoint)})
+    records = read_records(run / "06_video.records.jsonl")
+    assert records["mask_source"] == "SAM 2 (transformers)" and 0 <= records["mask_iou"] <= 1
+    assert records["object_units"] == len(records["mask_positions"]) > 0
+
+
 def _check_rows(rows, expected):
     assert [(r["framework"], r["variant"]) for r in rows] == expected
     for row in rows:
