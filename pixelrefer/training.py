@@ -188,6 +188,17 @@ def step_indices(step: int, num_samples: int, seed: int, per_step: int) -> list[
     return indices
 
 
+def _accelerator(mixed_precision: str) -> Accelerator:
+    """An `Accelerator` for this run. accelerate keeps one process-wide state whose precision cannot change;
+    in a single process (a notebook training twice) a state made with another precision is reset first."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, mixed_precision) and state.get("num_processes", 1) == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(mixed_precision=mixed_precision)
+
+
 class Trainer:
     """Runs `TrainConfig` on `samples` (objects with `load_media()`, e.g. `pixelrefer.data.Sample`)."""
 
@@ -196,7 +207,7 @@ class Trainer:
             raise ValueError("no training samples")
         self.config = config
         self.samples = samples
-        self.accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
+        self.accelerator = accelerator or _accelerator(config.mixed_precision)
         self.output = Path(config.output_dir)
         overrides = {"framework": config.framework, **config.model_overrides}
         if Path(config.model).is_dir():

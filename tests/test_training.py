@@ -224,9 +224,16 @@ def test_training_killed_with_sigkill_resumes_to_identical_losses(tmp_path):
 
 
 def test_bf16_autocast_trains_on_cpu(tmp_path):
-    """The GPU recipe's mixed_precision="bf16" path (accelerate autocast) runs and keeps float32 master weights."""
+    """The GPU recipe's mixed_precision="bf16" path (accelerate autocast) runs and keeps float32 master weights;
+    one process can train in float32 before and after (accelerate's process-wide state is reset between them)."""
+    plain = Trainer(config(tmp_path, "fp32-before", steps=1, save_every=100), samples()).run().losses
     trainer = Trainer(config(tmp_path, "bf16", steps=2, save_every=100, mixed_precision="bf16"), samples())
+    assert trainer.accelerator.mixed_precision == "bf16"
     losses = trainer.run().losses
     assert len(losses) == 2 and all(np.isfinite(losses))
+    assert losses[0] != plain[0], "autocast must change the arithmetic"
     model = trainer.accelerator.unwrap_model(trainer.model)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+    after = Trainer(config(tmp_path, "fp32-after", steps=1, save_every=100), samples())
+    assert after.accelerator.mixed_precision == "no"
+    assert after.run().losses == plain
