@@ -237,3 +237,40 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
     after = Trainer(config(tmp_path, "fp32-after", steps=1, save_every=100), samples())
     assert after.accelerator.mixed_precision == "no"
     assert after.run().losses == plain
+
+
+def _shapes(tmp_path):
+    from pixelrefer.data import generate_shapesworld, load_annotations
+
+    paths = generate_shapesworld(tmp_path / "sw", seed=2, num_images=12, num_videos=1)
+    return load_annotations(paths["train"], tmp_path / "sw")
+
+
+@pytest.mark.slow
+def test_stage0_pretrains_the_vision_encoder_on_object_categories(tmp_path):
+    from pixelrefer.training import labelled_objects, pretrain_vision_encoder
+
+    data = _shapes(tmp_path)
+    chosen, categories = labelled_objects(data)
+    assert chosen and all(data[i].image is not None for i in chosen) and categories == sorted(set(categories))
+    trainer = Trainer(config(tmp_path, "s0", vision_pretrain_steps=25, vision_pretrain_lr=3e-3, batch_size=4,
+                             steps=1, save_every=100), data)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    before = {k: v.clone() for k, v in model.model.vision_model.state_dict().items()}
+    torch.manual_seed(123)
+    rng = torch.get_rng_state()
+    losses = trainer.pretrain_vision()
+    assert torch.equal(torch.get_rng_state(), rng), "stage 0 must not move the global RNG (exact resumes)"
+    assert len(losses) == 25 and np.mean(losses[-5:]) < np.mean(losses[:5])
+    assert not any(p.requires_grad for p in model.model.vision_model.parameters()), "frozen again after stage 0"
+    after = model.model.vision_model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    saved = tmp_path / "s0" / "vision_pretrain"
+    assert json.loads((saved / "loss_history.json").read_text()) == losses
+    again = Trainer(config(tmp_path, "s0", vision_pretrain_steps=25, vision_pretrain_lr=3e-3, batch_size=4,
+                           steps=1, save_every=100), data)
+    assert again.pretrain_vision() == [], "a finished stage 0 is loaded, not redone"
+    reloaded = again.accelerator.unwrap_model(again.model).model.vision_model.state_dict()
+    assert all(torch.equal(after[k], reloaded[k]) for k in after)
+    with pytest.raises(ValueError, match="objects carry categories"):
+        pretrain_vision_encoder(model, trainer.processor, samples(), steps=1, lr=1e-3, batch_size=2)
