@@ -10,6 +10,10 @@ Notable:
   returns no weights at all.
 - Token groups come from the processor's own bookkeeping (`EncodedBatch.spans`),
   not from guessing token ids.
+- Per-key attention by query group (`key_layers`, (B, H, G, L_k) per layer)
+  is what the answer-to-image-grid and answer-to-object-token views need:
+  L_k numbers per group instead of an L_q × L_k map, so it stays cheap for
+  big models where full maps would not.
 - Only the language model is captured; the vision encoder keeps its own
   attention implementation. The model's implementation is restored on exit.
 """
@@ -76,6 +80,8 @@ class AttentionCapture:
         mass: {layer: (B, H, G, G)} summed attention probability from each query group to each key group.
         object_mass: {layer: (B, H, G, O)} the same towards each object's tokens separately.
         query_counts: (B, G) queries per group (to turn sums into per-query means).
+        key_mass: {layer: (B, H, G, L_k)} summed attention from each query group to every key token,
+            only for `key_layers`.
         pooled: {layer: (B, H, ⌈L_q/f⌉, ⌈L_k/f⌉)} attention maps average-pooled by `pool` (Fig. 3).
         full: {layer: (B, H, L_q, L_k)} full maps, only for `full_layers` (small models).
         peak_chunk_elements: largest probability block held at once (B·H·chunk·L_k), for memory checks.
@@ -87,8 +93,10 @@ class AttentionCapture:
     full_layers: tuple[int, ...] = ()
     pool: int = 8
     chunk_size: int = 128
+    key_layers: tuple[int, ...] = ()
     mass: dict[int, Tensor] = field(default_factory=dict)
     object_mass: dict[int, Tensor] = field(default_factory=dict)
+    key_mass: dict[int, Tensor] = field(default_factory=dict)
     pooled: dict[int, Tensor] = field(default_factory=dict)
     full: dict[int, Tensor] = field(default_factory=dict)
     peak_chunk_elements: int = 0
@@ -102,6 +110,14 @@ class AttentionCapture:
         """(B, H, G, G): per query of a group, the attention it gives each key group (rows sum to 1)."""
         counts = self.query_counts.to(self.mass[layer].device)[:, None, :, None]
         return self.mass[layer] / counts.clamp(min=1)
+
+    def key_attention(self, layer: int, query: str = "answer") -> Tensor:
+        """(B, H, L_k): per `query` token, the attention it gives each key token (a `key_layers` layer)."""
+        if layer not in self.key_mass:
+            raise KeyError(f"layer {layer} kept no per-key attention; captured: {sorted(self.key_mass)} (key_layers)")
+        q = self.groups.names.index(query)
+        counts = self.query_counts[:, q].to(self.key_mass[layer].device)[:, None, None]  # (B, 1, 1)
+        return self.key_mass[layer][:, :, q] / counts.clamp(min=1)
 
     def group_curve(self, query: str, key: str) -> Tensor:
         """(layers, B): mean over heads of the attention `query` tokens give `key` tokens, per layer."""
@@ -163,6 +179,7 @@ def capture_attention_forward(module, query, key, value, attention_mask, scaling
         object_onehot = _one_hot(_pad_ids(groups.object_ids, k_len).to(query.device), max(groups.num_objects, 1))
         mass = query.new_zeros(batch, heads, g, g, dtype=torch.float32)
         object_mass = query.new_zeros(batch, heads, g, object_onehot.shape[-1], dtype=torch.float32)
+        key_mass = query.new_zeros(batch, heads, g, k_len, dtype=torch.float32) if layer in capture.key_layers else None
         keep_pooled, keep_full = layer in capture.pooled_layers, layer in capture.full_layers
         pooled_rows, full_rows = [], []
     chunk = capture.chunk_size if capture is not None else q_len
@@ -185,6 +202,8 @@ def capture_attention_forward(module, query, key, value, attention_mask, scaling
             to_groups = probs @ key_onehot[:, None]  # (B, H, c, G)
             mass += torch.einsum("bcq,bhck->bhqk", rows, to_groups)
             object_mass += torch.einsum("bcq,bhck->bhqk", rows, probs @ object_onehot[:, None])
+            if key_mass is not None:
+                key_mass += torch.einsum("bcq,bhck->bhqk", rows, probs)
             if keep_pooled:
                 pooled = _avg_pool_last(probs, capture.pool)  # (B, H, c, L_k/f)
                 pooled_rows.append(_avg_pool_last(pooled.transpose(-1, -2), capture.pool).transpose(-1, -2))
@@ -193,6 +212,8 @@ def capture_attention_forward(module, query, key, value, attention_mask, scaling
     if active:
         _accumulate(capture.mass, layer, mass)
         _accumulate(capture.object_mass, layer, object_mass)
+        if key_mass is not None:
+            _accumulate(capture.key_mass, layer, key_mass)
         if keep_pooled:
             capture.pooled[layer] = torch.cat(pooled_rows, dim=2).cpu()
         if keep_full:
@@ -224,6 +245,7 @@ def capture_attention(
     layers: tuple[int, ...] | None = None,
     pooled_layers: tuple[int, ...] = (),
     full_layers: tuple[int, ...] = (),
+    key_layers: tuple[int, ...] = (),
     pool: int = 8,
     chunk_size: int = 128,
 ) -> Iterator[AttentionCapture]:
@@ -235,12 +257,13 @@ def capture_attention(
         layers: layers to gather group statistics for (None: all).
         pooled_layers: layers whose maps are kept average-pooled by `pool` (paper Fig. 3 uses 8).
         full_layers: layers whose full maps are kept (small models only).
+        key_layers: layers whose per-key attention by query group is kept ((B, H, G, L_k) each).
         chunk_size: queries per chunk; memory is B·H·chunk·L_k floats.
     """
     text_config = model.config.text_config
     previous = text_config._attn_implementation
     capture = AttentionCapture(groups, None if layers is None else tuple(layers), tuple(pooled_layers),
-                               tuple(full_layers), pool, chunk_size)
+                               tuple(full_layers), pool, chunk_size, tuple(key_layers))
     text_config._attn_implementation = CAPTURE
     _ACTIVE.append(capture)
     try:
