@@ -11,14 +11,17 @@ from pixelrefer.analysis.attention import (
     group_curves,
     token_groups,
 )
+from pixelrefer.analysis.attention_view import AttentionView, attention_view
 
 __all__ = [
     "GROUPS",
     "TABLE5",
     "AttentionCapture",
+    "AttentionView",
     "GroupCurves",
     "ObjectSimilarity",
     "TokenGroups",
+    "attention_view",
     "capture_attention",
     "group_curves",
     "llm_flops",
