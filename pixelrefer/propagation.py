@@ -10,8 +10,7 @@ Notable:
   package's `SAM2VideoPredictor` (a local `.pt` checkpoint and its yaml
   config). Nothing is downloaded; neither needs torchvision: frames are
   resized to the model's square input with torch (bilinear, antialiased) and
-  normalised with ImageNet's mean and std, which is what both SAM 2 releases
-  do. # differs from sam2's own loader: PIL's bicubic resize there.
+  normalised with ImageNet's mean and std, as both SAM 2 implementations do.
 - Frames are decoded and preprocessed one at a time when the model asks for
   them (`VideoReader` underneath) and kept on the CPU; the tracking state is
   offloaded to the CPU too (`offload_state=True`). With `bounded_memory`, the
@@ -36,6 +35,7 @@ import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -89,16 +89,37 @@ class Propagation:
         return [{t: m for t, m in zip(self.frame_indices, rows) if m.any()} for rows in self.masks]
 
 
+class Sam2Backend(Protocol):
+    """What `MaskPropagator` needs from a SAM 2 implementation (`TransformersSam2`, `PackageSam2`)."""
+
+    image_size: int  # the square model input S
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    frame_dtype: torch.dtype
+    window: int  # tracked frames behind the current one that the model can still attend to
+    shows_progress: bool  # draws its own progress bar
+
+    def new_state(self, frames: "ModelFrames", size: tuple[int, int]): ...
+
+    def add_prompt(self, state, object_id: int, position: int, prompt: ObjectPrompt, size: tuple[int, int]): ...
+
+    def run(self, state, start: int, reverse: bool) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield (position, mask logits (N, 1, h, w)) from `start` to the last (or, reversed, first) frame."""
+
+    def memory(self, state) -> dict:
+        """Per object {"cond_frame_outputs": {position: ...}, "non_cond_frame_outputs": {position: ...}}."""
+
+
 class MaskPropagator:
     """SAM 2 video tracking behind one interface; build it with `from_pretrained`.
 
     Args:
-        backend: a `TransformersSam2` or `PackageSam2`.
+        backend: a `Sam2Backend` (`TransformersSam2` or `PackageSam2`).
         progress: show a tqdm bar while tracking (the sam2 package always shows its own).
         bounded_memory: drop per-frame memories the model can no longer use (see the module notes).
     """
 
-    def __init__(self, backend, *, progress: bool = True, bounded_memory: bool = True):
+    def __init__(self, backend: Sam2Backend, *, progress: bool = True, bounded_memory: bool = True):
         self.backend = backend
         self.progress = progress
         self.bounded_memory = bounded_memory
@@ -184,6 +205,8 @@ class MaskPropagator:
                             continue  # already yielded by the forward pass
                         bar.update()
                         yield frames[p], list(group), _to_masks(logits, size)
+                    # differs from sam2's demo, whose backward pass also sees the forward pass's memories: here
+                    # both directions start from the prompt alone, so dropping distant memories changes nothing.
                     _forget_tracked_frames(self.backend.memory(state))
 
 
@@ -211,6 +234,7 @@ class ModelFrames(Sequence):
     def preprocess(self, frame: np.ndarray) -> torch.Tensor:
         """uint8 (H, W, 3) → normalised (3, S, S)."""
         x = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None].float() / 255.0  # (1, 3, H, W)
+        # Bilinear as transformers' Sam2VideoVideoProcessor; differs from sam2's own loader (PIL's bicubic).
         x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
         return ((x[0] - self.mean) / self.std).to(self.dtype)
 
@@ -367,7 +391,10 @@ def _forget_tracked_frames(memory: dict) -> None:
 
 
 def _to_masks(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """(N, 1, h, w) logits → bool (N, H, W) at the video size."""
+    """(N, 1, h, w) logits → bool (N, H, W) at the video size.
+
+    One bilinear resize; transformers' `post_process_masks` goes through S×S first (the same up to rounding).
+    """
     logits = logits.float()
     if tuple(logits.shape[-2:]) != size:
         logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
@@ -395,7 +422,8 @@ def _by_id(prompts) -> dict[int, ObjectPrompt]:
 def _check_prompt(object_id: int, prompt: ObjectPrompt, reader: VideoReader, position: dict[int, int]) -> None:
     where = f"video {reader.source}, object {object_id}, frame {prompt.frame}"
     if not isinstance(prompt, ObjectPrompt):
-        raise InputError(f"video {reader.source}, object {object_id}: expected an ObjectPrompt, got {type(prompt).__name__}")
+        raise InputError(f"video {reader.source}, object {object_id}: "
+                         f"expected an ObjectPrompt, got {type(prompt).__name__}")
     if prompt.frame not in position:
         raise InputError(f"{where}: the prompt's frame is not among the tracked frames")
     if prompt.points is None and prompt.box is None and prompt.mask is None:

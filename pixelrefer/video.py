@@ -52,7 +52,8 @@ class SampledVideo(Video):
     def select(self, masks: Sequence[Mapping[int, object]]) -> list[dict[int, object]]:
         """Per object {source frame index: mask} → {position among these frames: mask}.
 
-        Frames that were not sampled are dropped, and so are empty masks (an
+        Masks are bool arrays or any spec the processor decodes (RLE, polygon).
+        Frames that were not sampled are dropped, and so are empty arrays (an
         object that left the frame). The result is what `PixelReferProcessor`
         takes as video masks.
         """
@@ -61,7 +62,8 @@ class SampledVideo(Video):
         for k, per_frame in enumerate(masks):
             kept = {position[int(t)]: m for t, m in per_frame.items() if int(t) in position and np.any(m)}
             if not kept:
-                raise InputError(f"video {self.source}, object {k}: no mask on any of the sampled frames {self.indices}")
+                raise InputError(f"video {self.source}, object {k}: "
+                                 f"no mask on any of the sampled frames {self.indices}")
             selected.append(dict(sorted(kept.items())))
         return selected
 
@@ -120,12 +122,17 @@ class VideoReader:
 
     def sample(self, num_frames: int = PAPER_NUM_FRAMES, indices: Sequence[int] | None = None) -> SampledVideo:
         """Decode `num_frames` uniformly sampled frames (or exactly `indices`) with their timestamps."""
-        indices = uniform_indices(self.num_frames, num_frames) if indices is None else [int(i) for i in indices]
+        if indices is None:
+            indices = uniform_indices(self.num_frames, num_frames)
+        indices = [self.check_index(i) for i in indices]
         return SampledVideo(self.read(indices), timestamps=self.timestamps(indices), fps=self.fps,
-                            indices=list(indices), source=self.source)
+                            indices=indices, source=self.source)
 
     def check_index(self, index: int) -> int:
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < self.num_frames:
+        """`index` as an int; an `InputError` naming the video unless it is an integer in [0, num_frames)."""
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise InputError(f"{self._prefix}frame index {index!r} of video {self.source} is not an integer")
+        if not 0 <= index < self.num_frames:
             raise InputError(f"{self._prefix}frame index {index} is out of range "
                              f"(video {self.source} has {self.num_frames} frames)")
         return int(index)

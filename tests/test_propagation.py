@@ -48,7 +48,8 @@ model:
       pos_enc_at_cross_attn_keys: true
       pos_enc_at_cross_attn_queries: false
       self_attention: {{_target_: sam2.modeling.sam.transformer.RoPEAttention, rope_theta: 10000.0,
-                        feat_sizes: [{grid}, {grid}], embedding_dim: 64, num_heads: 1, downsample_rate: 1, dropout: 0.1}}
+                        feat_sizes: [{grid}, {grid}], embedding_dim: 64, num_heads: 1, downsample_rate: 1,
+                        dropout: 0.1}}
       cross_attention: {{_target_: sam2.modeling.sam.transformer.RoPEAttention, rope_theta: 10000.0,
                          feat_sizes: [{grid}, {grid}], rope_k_repeat: true, embedding_dim: 64, num_heads: 1,
                          downsample_rate: 1, dropout: 0.1, kv_in_dim: 32}}
@@ -196,7 +197,8 @@ def test_masks_have_one_row_per_object_and_one_column_per_kept_frame(load):
 
 
 def test_tracking_runs_forward_from_the_prompt_then_backward(load):
-    prompts = [ObjectPrompt(frame=4, mask=box_mask()), ObjectPrompt(frame=0, points=[(10, 10), (70, 40)], labels=[1, 0])]
+    prompts = [ObjectPrompt(frame=4, mask=box_mask()),
+               ObjectPrompt(frame=0, points=[(10, 10), (70, 40)], labels=[1, 0])]
     with open_video(video(8)) as reader:
         order = [(t, ids) for t, ids, masks in load().iter_masks(reader, prompts, frames=[0, 2, 4, 6, 7])]
     assert order == [(0, [1]), (2, [1]), (4, [1]), (6, [1]), (7, [1]),
@@ -204,7 +206,8 @@ def test_tracking_runs_forward_from_the_prompt_then_backward(load):
 
 
 def test_bounded_memory_changes_no_mask_and_stays_flat(load):
-    frames, prompts = video(14), {0: ObjectPrompt(frame=6, mask=box_mask()), 1: ObjectPrompt(frame=6, points=[(60, 30)])}
+    frames = video(14)
+    prompts = {0: ObjectPrompt(frame=6, mask=box_mask()), 1: ObjectPrompt(frame=6, points=[(60, 30)])}
     unbounded, bounded = load(bounded_memory=False), load()
     stored = []
     run = bounded.backend.run
@@ -239,7 +242,8 @@ def test_no_torchvision_needed(load):
 @pytest.mark.parametrize("prompt, message", [
     (ObjectPrompt(frame=1, points=[(5, 5)]), "object 0, frame 1: the prompt's frame is not among the tracked frames"),
     (ObjectPrompt(frame=0), "object 0, frame 0: the prompt has no points, box or mask"),
-    (ObjectPrompt(frame=0, points=[(81, 5)]), r"point \(x=81.0, y=5.0\) lies outside the frame \(height 48, width 80\)"),
+    (ObjectPrompt(frame=0, points=[(81, 5)]),
+     r"point \(x=81.0, y=5.0\) lies outside the frame \(height 48, width 80\)"),
     (ObjectPrompt(frame=0, points=[(5, 5)], labels=[1, 1]), "labels must be one 0 or 1 per point"),
     (ObjectPrompt(frame=0, box=(40, 5, 10, 30)), "box must be .* with x0 < x1"),
     (ObjectPrompt(frame=0, mask=np.ones((H, W + 1), bool)), r"mask is \(48, 81\), the video is 48x80"),

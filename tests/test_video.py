@@ -189,8 +189,8 @@ def test_select_maps_source_frames_to_positions_and_drops_the_rest():
 def test_annotated_video_file_decodes_only_the_named_frames(clip, tmp_path):
     mask = np.zeros((H, W), bool)
     mask[10:20, 10:30] = True
-    record = {"video": str(clip), "conversations": [{"from": "human", "value": "<region>?"}, {"from": "gpt", "value": "a"}],
-              "masks": [{"40": mask_to_rle(mask), "12": mask_to_rle(mask)}]}
+    turns = [{"from": "human", "value": "<region>?"}, {"from": "gpt", "value": "a"}]
+    record = {"video": str(clip), "conversations": turns, "masks": [{"40": mask_to_rle(mask), "12": mask_to_rle(mask)}]}
     (tmp_path / "v.json").write_text(json.dumps([record]))
     inputs = load_annotations(tmp_path / "v.json")[0].load_media()
     reference = plain_decode(clip)
