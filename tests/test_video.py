@@ -144,6 +144,11 @@ def test_out_of_range_index_names_video_and_index(clip, index):
         video.read([0, index])
 
 
+def test_non_integer_index_is_rejected(clip):
+    with open_video(clip) as video, pytest.raises(InputError, match=r"frame index 1.5 of video .*clip.mp4 is not an"):
+        video.sample(indices=[0, 1.5])
+
+
 def test_bad_videos_raise_input_errors_naming_the_file(tmp_path):
     with pytest.raises(InputError, match="missing.mp4 does not exist"):
         open_video(tmp_path / "missing.mp4")
