@@ -87,6 +87,14 @@ def test_env_pins_agree_with_pyproject(env, pyproject):
                 assert Version(spec.version) in project[name].specifier, (name, str(req), str(project[name]))
 
 
+def test_env_requirements_are_package_dependencies_with_the_same_range(env, pyproject):
+    """Besides the torch pin, what environment.yml lists is a pyproject dependency, with the same specifier."""
+    project = project_requirements(pyproject)
+    for name, req in pip_requirements(env).items():
+        if name != "torch":
+            assert name in project and req.specifier == project[name].specifier, (str(req), str(project.get(name)))
+
+
 def test_transformers_range(pyproject):
     spec = project_requirements(pyproject)["transformers"].specifier
     assert Version("5.17") in spec and Version("5.24") in spec and Version("6.0") not in spec
