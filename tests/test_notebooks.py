@@ -49,6 +49,27 @@ def test_quickstart_records(smoke_run):
     assert records["valid_tokens_per_object"][1] >= 1
     assert records["answer_tokens"] >= 1
     assert (smoke_run / "00_quickstart" / "crops.png").stat().st_size > 0
+    assert records["picker_objects"] == 2 and records["picker_rle_roundtrip"] is True
+    shares = records["explorer_answer_shares"]  # {layer: {group: share of an answer token's attention}}
+    assert records["explorer_layers"] == len(shares) >= 1 and records["explorer_heads"] >= 1
+    for layer_shares in shares.values():
+        assert sum(layer_shares.values()) == pytest.approx(1.0, abs=1e-3) and layer_shares["object"] > 0
+    assert records["similarity_objects"] == 2
+
+
+def test_quickstart_takes_masks_as_parameters(tmp_path):
+    """`-p MASKS [...]`: regions given as COCO RLE, not scene indices, reach the picker and the model."""
+    from pixelrefer.demo import shapesworld_scene
+    from pixelrefer.regions import mask_to_rle
+
+    _, masks = shapesworld_scene(0)
+    names = list(masks)
+    rles = [mask_to_rle(masks[names[i]]) for i in (4, 2)]  # the large star first, then the tiny diamond
+    run = run_notebooks(["00"], "smoke", out_root=tmp_path, parameters={"MASKS": rles})
+    records = read_records(run / "00_quickstart.records.jsonl")
+    assert records["picker_objects"] == 2 and records["picker_rle_roundtrip"] is True
+    large, small = records["crop_scales"]
+    assert small > large >= 1.0
 
 
 def test_train_records(smoke_run):
