@@ -91,7 +91,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {
         "common": {"DEVICE": "cuda", "SEED": 0},
         "00_quickstart": {"MODEL": "2b", "DTYPE": "bfloat16"},
-        "01_train": {"STEPS": 2000, "BATCH_SIZE": 32, "DATASET_IMAGES": 4000, "DATASET_VIDEOS": 800, "NUM_PREDICTIONS": 32},
+        "01_train": {"STEPS": 2000, "BATCH_SIZE": 32, "DATASET_IMAGES": 4000, "DATASET_VIDEOS": 800, "NUM_PREDICTIONS": 32,
+                     "VISION_ENCODER": None, "VISION_PRETRAIN_STEPS": 1500},
         "02_attention_maps": {"MODEL": "2b", "DTYPE": "bfloat16", "NUM_SAMPLES": 24, "MAP_LAYERS": [0, 7, 14, 27]},
         "03_token_similarity": {"MODEL": "2b", "NUM_RECORDS": 24},
         "04_efficiency": {"MODELS": [["2b", "vision_object"], ["2b", "object_only"]], "DTYPE": "bfloat16", "ITEMS": 12},

@@ -92,6 +92,7 @@ class TrainConfig:
     skip_bad: bool = False
     vision_pretrain_steps: int = 0  # stage 0 (see the module docstring); 0 skips it
     vision_pretrain_lr: float = 3e-3
+    vision_encoder_from: str | None = None  # embedded model or checkpoint whose vision encoder to start from
 
     def learning_rates(self) -> dict[str, float]:
         if self.stage not in STAGE_LEARNING_RATES:
@@ -213,6 +214,17 @@ def _accelerator(mixed_precision: str) -> Accelerator:
     return Accelerator(mixed_precision=mixed_precision)
 
 
+def copy_vision_encoder(source: str, model) -> None:
+    """Load the vision encoder of `source` (an embedded model or checkpoint folder) into `model`."""
+    donor, _ = load(source)
+    mine, theirs = model.config.vision_config.to_dict(), donor.config.vision_config.to_dict()
+    differing = sorted(k for k in mine.keys() | theirs.keys()
+                       if k not in _VOLATILE_CONFIG_KEYS and mine.get(k) != theirs.get(k))
+    if differing:
+        raise ValueError(f"vision_encoder_from={source!r}: its vision encoder differs from the model's in {differing}")
+    model.model.vision_model.load_state_dict(donor.model.vision_model.state_dict())
+
+
 def labelled_objects(samples: Sequence) -> tuple[list[int], list[str]]:
     """Indices of image samples whose every mask has a category (`meta["objects"]`), and the sorted categories."""
     chosen, names = [], set()
@@ -300,6 +312,8 @@ class Trainer:
         with warnings.catch_warnings():  # random weights are what training starts from
             warnings.filterwarnings("ignore", message="preset .* has random weights")
             model, self.processor = load(config.model, seed=config.seed, **overrides)
+        if config.vision_encoder_from:
+            copy_vision_encoder(config.vision_encoder_from, model)
         model.train()
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable()

@@ -139,3 +139,17 @@ def test_saot_and_oci_findings():
     found = ablations.oci_findings(oci)
     assert found == {"best_by_loss": "local + global", "best_by_category_acc": "global only", "F6": True}
     assert not ablations.oci_findings(oci[:1] + oci[2:] + [_result("local + global", "object_only", 0.4, 1.3)])["F6"]
+
+
+def test_variant_config_shares_a_frozen_vision_encoder(tmp_path):
+    settings = AblationSettings(steps=5)
+    vo = ablations.variant_config(STUDIES["saot"][0], settings, tmp_path / "train.json", tmp_path / "out")
+    lite = ablations.variant_config(STUDIES["oci"][0], settings, tmp_path / "train.json", tmp_path / "out")
+    assert (vo.vision_encoder_from, lite.vision_encoder_from) == ("shapes-tiny", "shapes-tiny-lite")
+    assert vo.vision_pretrain_steps == 0 and vo.steps == 5 and vo.lr_vision_encoder is None
+    assert vo.model_overrides["object_tokenizer"] == "mask_pooling"
+    assert vo.model_overrides.get("freeze_vision_encoder", True) is True
+    own = ablations.variant_config(STUDIES["saot"][0], AblationSettings(vision_encoder=None), tmp_path / "t.json",
+                                   tmp_path / "o")
+    assert own.vision_encoder_from is None and own.model_overrides["freeze_vision_encoder"] is False
+    assert own.lr_vision_encoder == 3e-4

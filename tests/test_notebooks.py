@@ -75,6 +75,7 @@ def test_quickstart_takes_masks_as_parameters(tmp_path):
 def test_train_records(smoke_run):
     records = read_records(smoke_run / "01_train.records.jsonl")
     assert records["steps"] == 3 and records["skipped"] == 0
+    assert records["vision_encoder_from"] == "shapes-tiny-lite"  # the notebook's default framework is Lite
     assert all(map(math.isfinite, (records["first_loss"], records["final_loss"])))
     assert len(records["predictions"]) == 2
     assert (smoke_run / "01_train" / "loss.png").stat().st_size > 0

@@ -158,13 +158,16 @@ def test_presets_and_the_train_command_generate_shapesworld_and_train(tmp_path, 
     assert set(TRAIN_PRESETS) == {"shapes-tiny", "shapes-tiny-lite"}
     with pytest.raises(KeyError, match="unknown training preset"):
         preset_config("shapes-huge")
+    assert preset_config("shapes-tiny").vision_pretrain_steps > 0, "the embedded recipe starts with stage 0"
     out = tmp_path / "cli"
     code = main(["train", "--preset", "shapes-tiny-lite", "--set", f"output_dir={out}", "--set", "steps=2",
+                 "--set", "vision_pretrain_steps=2",
                  "--set", "batch_size=2", "--set", 'shapesworld={"seed": 1, "num_images": 6, "num_videos": 2}',
                  "--set", f"model_overrides={json.dumps(tiny_overrides())}"])
     assert code == 0 and "2 steps" in capsys.readouterr().out
     assert (out / "shapesworld" / "train.json").exists()
     assert len(json.loads((out / "final" / "loss_history.json").read_text())) == 2
+    assert len(json.loads((out / "vision_pretrain" / "loss_history.json").read_text())) == 2
 
 
 def test_resume_refuses_a_checkpoint_of_a_different_model_shape(tmp_path):
@@ -274,3 +277,18 @@ def test_stage0_pretrains_the_vision_encoder_on_object_categories(tmp_path):
     assert all(torch.equal(after[k], reloaded[k]) for k in after)
     with pytest.raises(ValueError, match="objects carry categories"):
         pretrain_vision_encoder(model, trainer.processor, samples(), steps=1, lr=1e-3, batch_size=2)
+
+
+def test_vision_encoder_from_an_embedded_model(tmp_path):
+    import pixelrefer
+
+    donor, _ = pixelrefer.load("shapes-tiny")
+    trainer = Trainer(config(tmp_path, "from", vision_encoder_from="shapes-tiny", steps=2), samples())
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    expected = donor.model.vision_model.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in model.model.vision_model.state_dict().items())
+    trainer.run()  # frozen (the preset's default): the encoder stays the donor's
+    assert all(torch.equal(v, expected[k]) for k, v in model.model.vision_model.state_dict().items())
+    narrow = dict(tiny_overrides(), vision_config=dict(donor.config.vision_config.to_dict(), hidden_size=32))
+    with pytest.raises(ValueError, match=r"vision encoder differs from the model's in \[.*hidden_size"):
+        Trainer(config(tmp_path, "bad", vision_encoder_from="shapes-tiny", model_overrides=narrow), samples())

@@ -26,6 +26,11 @@ Notable choices:
   about 0.7 % of its images; these are under 2 % of a 128-px image) and large
   ones; and the token-mean loss on held-out records of every task, which is
   smooth enough to rank variants after short runs where accuracy is noise.
+- The vision encoder is shared, as the paper's frozen SigLIP is: by default
+  every variant starts from the embedded model's encoder of its framework
+  (pretrained in stage 0, frozen) and trains the rest from random weights;
+  `vision_encoder=None` instead trains a random encoder along (much slower to
+  learn shapes).
 - Resumable: each variant trains in its own folder (the trainer resumes from
   its last checkpoint) and writes `result.json` atomically when evaluated; a
   rerun reuses finished variants whose recipe is unchanged and refuses to mix
@@ -100,6 +105,8 @@ class AblationSettings:
         loss_records: held-out records of every task for the held-out loss.
         seed: data order, initialisation and ShapesWorld.
         mixed_precision: accelerate's setting for training ("bf16" on a GPU).
+        vision_encoder: "embedded" (the shipped model of the variant's framework), an embedded model name or
+            checkpoint folder to take the frozen vision encoder from, or None to train a random one along.
     """
 
     preset: str = "shapes-tiny"
@@ -111,6 +118,7 @@ class AblationSettings:
     loss_records: int = 64
     seed: int = 0
     mixed_precision: str = "no"
+    vision_encoder: str | None = "embedded"
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "num_images", "eval_records", "loss_records"):
@@ -165,10 +173,18 @@ def shapesworld_splits(root: Path, settings: AblationSettings) -> dict[str, Path
 
 def variant_config(variant: Variant, settings: AblationSettings, train_data: Path, output_dir: Path) -> TrainConfig:
     base = preset_config(settings.preset)
+    encoder, vision = settings.vision_encoder, {}
+    if encoder == "embedded":
+        encoder = "shapes-tiny" if variant.framework == "vision_object" else "shapes-tiny-lite"
+    if encoder is None:  # a random encoder, trained along with the rest
+        vision = dict(freeze_vision_encoder=False)
     return dataclasses.replace(
         base,
         framework=variant.framework,
-        model_overrides={**base.model_overrides, **variant.overrides},
+        model_overrides={**base.model_overrides, **variant.overrides, **vision},
+        vision_pretrain_steps=0,
+        vision_encoder_from=encoder,
+        lr_vision_encoder=base.lr_vision_encoder or (3e-4 if encoder is None else None),
         train_data=str(train_data),
         media_root=str(train_data.parent),
         shapesworld=None,
@@ -308,7 +324,10 @@ def _ablate_command(args) -> int:
         if not sep or key not in known:
             print(f"pixelrefer ablate: error: --set {item!r}: expected KEY=VALUE with KEY one of {', '.join(known)}")
             return 2
-        values[key] = value if key in ("preset", "mixed_precision") else int(value)
+        if key == "vision_encoder":
+            values[key] = None if value.lower() == "none" else value
+        else:
+            values[key] = value if key in ("preset", "mixed_precision") else int(value)
     results = run_study(args.study, args.out, AblationSettings(**values), frameworks=args.framework)
     print(json.dumps(study_table(results), indent=1))
     return 0
