@@ -297,3 +297,21 @@ def test_two_processes_give_the_same_results_as_one(world, tmp_path):
                          timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     assert read_results(tmp_path / "two.jsonl") == read_results(tmp_path / "one.jsonl")
+
+
+def test_shapesworld_test_split_defaults_to_the_shipped_models_data(tmp_path, monkeypatch):
+    """The held-out split must be the one the embedded models were trained beside (counts change the split)."""
+    from pixelrefer.evaluation import runners
+    from pixelrefer.training import TRAIN_PRESETS
+
+    asked = {}
+
+    def fake_generate(folder, **kwargs):
+        asked.update(kwargs)
+        return {"test": tmp_path / "test.json"}
+
+    monkeypatch.setattr(runners, "generate_shapesworld", fake_generate)
+    runners.shapesworld_test_split(tmp_path)
+    assert asked == TRAIN_PRESETS["shapes-tiny"]["shapesworld"]
+    runners.shapesworld_test_split(tmp_path, num_images=10)
+    assert asked["num_images"] == 10 and asked["seed"] == TRAIN_PRESETS["shapes-tiny"]["shapesworld"]["seed"]

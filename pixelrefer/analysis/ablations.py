@@ -103,7 +103,9 @@ class AblationSettings:
         num_images, num_videos: the ShapesWorld generated once for the whole study.
         eval_records: held-out category records asked about (each has several objects).
         loss_records: held-out records of every task for the held-out loss.
-        seed: data order, initialisation and ShapesWorld.
+        seed: data order and initialisation.
+        data_seed: the study's ShapesWorld. It differs from the embedded models' (0) so that the shared
+            vision encoder, pretrained on their data, has never seen the study's held-out images.
         mixed_precision: accelerate's setting for training ("bf16" on a GPU).
         vision_encoder: "embedded" (the shipped model of the variant's framework), an embedded model name or
             checkpoint folder to take the frozen vision encoder from, or None to train a random one along.
@@ -117,6 +119,7 @@ class AblationSettings:
     eval_records: int = 60
     loss_records: int = 64
     seed: int = 0
+    data_seed: int = 1
     mixed_precision: str = "no"
     vision_encoder: str | None = "embedded"
 
@@ -162,7 +165,7 @@ def study_variants(study: str, frameworks: Sequence[str] | None = None,
 
 def shapesworld_splits(root: Path, settings: AblationSettings) -> dict[str, Path]:
     """The study's ShapesWorld, generated once (again only when its parameters changed)."""
-    wanted = dict(seed=settings.seed, num_images=settings.num_images, num_videos=settings.num_videos)
+    wanted = dict(seed=settings.data_seed, num_images=settings.num_images, num_videos=settings.num_videos)
     info = root / "info.json"
     if info.exists():
         have = json.loads(info.read_text())

@@ -216,15 +216,21 @@ def _finite(value):
     return value
 
 
-def shapesworld_test_split(folder: str | Path, *, seed: int = 0, num_images: int = 1000, num_videos: int = 200
-                           ) -> Path:
+def shapesworld_test_split(folder: str | Path, *, seed: int | None = None, num_images: int | None = None,
+                           num_videos: int | None = None) -> Path:
     """The ShapesWorld test split in `folder`, generated unless a split of the same parameters is there.
 
-    The defaults are those the shipped `shapes-tiny` models were trained with, so their test split is held out.
+    Parameters left as None are those the shipped `shapes-tiny` models were trained with
+    (`TRAIN_PRESETS["shapes-tiny"]["shapesworld"]`), so their test split is held out. The split depends on
+    the counts: another `num_images` with the same seed reassigns images, and trained-on ones can land in test.
     """
+    from pixelrefer.training import TRAIN_PRESETS
+
     folder = Path(folder)
     info = folder / "info.json"
-    wanted = dict(seed=seed, num_images=num_images, num_videos=num_videos)
+    shipped = TRAIN_PRESETS["shapes-tiny"]["shapesworld"]
+    given = dict(seed=seed, num_images=num_images, num_videos=num_videos)
+    wanted = {k: shipped[k] if v is None else v for k, v in given.items()}
     if info.exists() and (folder / "test.json").exists():
         existing = json.loads(info.read_text())
         if all(existing.get(k) == v for k, v in wanted.items()):
