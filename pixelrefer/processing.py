@@ -40,7 +40,7 @@ from transformers import AutoTokenizer, BatchFeature
 from pixelrefer import regions
 from pixelrefer.config import PixelReferConfig
 from pixelrefer.errors import InputError
-from pixelrefer.tokenizer import build_tokenizer
+from pixelrefer.tokenizer import build_tokenizer, is_word_level, tidy_spacing
 
 REGION_PLACEHOLDER = "<region>"
 IMAGE_MEAN = IMAGE_STD = (0.5, 0.5, 0.5)  # VideoLLaMA3's normalisation
@@ -190,7 +190,8 @@ class PixelReferProcessor:
         return self.encode(text, images=images, videos=videos, masks=masks, **kwargs).inputs
 
     def decode(self, token_ids, **kwargs) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True, **kwargs).strip()
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True, **kwargs).strip()
+        return tidy_spacing(text) if is_word_level(self.tokenizer) else text
 
     def batch_decode(self, sequences, **kwargs) -> list[str]:
         return [self.decode(s, **kwargs) for s in sequences]

@@ -6,12 +6,17 @@ Notable:
 - `<objectK>` / `<regionK>` are single added tokens so answers can refer back
   to objects by name.
 - Words are split on whitespace and punctuation; unknown words map to `<unk>`.
+  Decoding joins words with spaces; `tidy_spacing` then closes up brackets
+  ("( C )" → "(C)", as the data writes option letters) on top of the
+  decoder's own clean-up before `.`, `,`, `?`, `!`.
   Real checkpoints bring their own (Qwen2.5) tokenizer through
   `PixelReferProcessor.from_pretrained(path)`; this one serves the tiny model
   and random-weight runs at the 2B/7B shapes.
 """
 
 from __future__ import annotations
+
+import re
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -90,3 +95,14 @@ def build_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
     tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS[2:])})
     tokenizer.add_tokens(list(OBJECT_NAME_TOKENS))
     return tokenizer
+
+
+def is_word_level(tokenizer) -> bool:
+    """Whether `tokenizer` is this module's word-level tokenizer (its decode inserts spaces between words)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend is not None and type(backend.model).__name__ == "WordLevel"
+
+
+def tidy_spacing(text: str) -> str:
+    """Undo the word-level decoder's spaces inside brackets: "( C ) red" → "(C) red"."""
+    return re.sub(r"\s+\)", ")", re.sub(r"\(\s+", "(", text))

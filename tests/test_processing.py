@@ -246,3 +246,13 @@ def test_video_tokens_are_pruned_where_frames_do_not_change(video):
     assert 1 < moved[1].sum() < per_frame, "only the blocks the disc and noise touched are kept"
     unpruned = processor(video_compression_threshold=None)(text="<region>", videos=static, masks=[{0: masks["square"][0]}])
     assert unpruned["video_compression_mask"].all()
+
+
+def test_decode_closes_up_brackets_of_the_word_level_tokenizer():
+    """Answers read as the data writes them: option letters "(C)", not the decoder's "( C )"."""
+    from pixelrefer.tokenizer import tidy_spacing
+
+    processor = PixelReferProcessor.from_preset("tiny")
+    ids = processor.tokenizer("(C) brown, left of <object1>.", add_special_tokens=False)["input_ids"]
+    assert processor.decode(ids) == "(C) brown, left of <object1>."
+    assert tidy_spacing("( B ) to the left ( of )") == "(B) to the left (of)"
