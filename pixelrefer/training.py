@@ -19,9 +19,9 @@ Notable:
   pretrained SigLIP-NaViT; a tiny model has no such encoder, and learning shape
   through the LLM's loss alone left the shipped models at chance on shape
   categories. Stage 0 trains the vision encoder first to name each object's
-  category from the mean of its foreground cell features (a linear head,
-  discarded after), on the records' own object labels and the same crops the
-  object tokenizer sees. It runs on the main process, is saved atomically to
+  category, colour and size from the mean of its foreground cell features
+  (linear heads, discarded after), on the records' own object labels and the
+  same crops the object tokenizer sees. It runs on the main process, is saved atomically to
   `vision_pretrain/`, loaded by the other processes and by a resumed run, and
   leaves the global RNG state untouched, so resumes stay exact.
 """
@@ -125,9 +125,9 @@ TRAIN_PRESETS: dict[str, dict] = {
         framework="vision_object",
         shapesworld=dict(seed=0, num_images=2000, num_videos=300),
         output_dir="runs/train/shapes-tiny",
-        vision_pretrain_steps=1500,
+        vision_pretrain_steps=1200,
         vision_pretrain_lr=3e-3,
-        steps=1200,
+        steps=1000,
         batch_size=16,
         lr_llm=1e-3,
         lr_projector=1e-3,
@@ -225,30 +225,37 @@ def copy_vision_encoder(source: str, model) -> None:
     model.model.vision_model.load_state_dict(donor.model.vision_model.state_dict())
 
 
-def labelled_objects(samples: Sequence) -> tuple[list[int], list[str]]:
-    """Indices of image samples whose every mask has a category (`meta["objects"]`), and the sorted categories."""
-    chosen, names = [], set()
+ATTRIBUTES = ("category", "colour", "size")  # what stage 0 learns to name, where the records give it
+
+
+def labelled_objects(samples: Sequence) -> tuple[list[int], dict[str, list[str]]]:
+    """Indices of image samples whose every mask has a category (`meta["objects"]`), and per attribute
+    (category, and colour / size where every chosen object has them) its sorted values."""
+    chosen, values = [], {name: set() for name in ATTRIBUTES}
     for i, sample in enumerate(samples):
         objects = getattr(sample, "meta", {}).get("objects") or []
         if getattr(sample, "image", None) is None or not objects or len(objects) != len(sample.masks):
             continue
         if all(isinstance(o, dict) and o.get("category") for o in objects):
             chosen.append(i)
-            names.update(o["category"] for o in objects)
-    return chosen, sorted(names)
+            for name in ATTRIBUTES:
+                values[name].update(o.get(name) for o in objects)
+    return chosen, {name: sorted(v) for name, v in values.items() if v and None not in v}
 
 
 def pretrain_vision_encoder(model, processor: PixelReferProcessor, samples: Sequence, *, steps: int, lr: float,
                             batch_size: int, seed: int = 0, warmup_ratio: float = 0.03,
                             autocast: Callable = contextlib.nullcontext) -> list[float]:
-    """Stage 0: train `model`'s vision encoder to name each object's category from its foreground cells.
+    """Stage 0: train `model`'s vision encoder to name each object's category, colour and size.
 
     Each step encodes `batch_size` labelled records with the processor (the object tokenizer's own crops),
     runs the vision encoder once over all crops, averages every object's foreground cell features and
-    applies a linear head (created here, discarded after). AdamW, cosine schedule with warm-up, gradient
+    applies one linear head per attribute (created here, discarded after); the loss is the sum of their
+    cross-entropies. Naming colour and size too keeps them in the features: an encoder trained on
+    categories alone forgets colour, and stays frozen after. AdamW, cosine schedule with warm-up, gradient
     norm clipped at 1. Returns the per-step losses.
     """
-    chosen, categories = labelled_objects(samples)
+    chosen, attributes = labelled_objects(samples)
     if not chosen:
         raise ValueError("vision_pretrain_steps needs image records whose objects carry categories "
                          "(`objects: [{category: ...}]` per mask, as ShapesWorld writes them)")
@@ -256,13 +263,16 @@ def pretrain_vision_encoder(model, processor: PixelReferProcessor, samples: Sequ
     vision = inner.vision_model
     device = next(vision.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    head = torch.nn.Linear(vision.config.hidden_size, len(categories), device=device)
+    heads = torch.nn.ModuleDict(
+        {name: torch.nn.Linear(vision.config.hidden_size, len(values)) for name, values in attributes.items()})
     with torch.no_grad():
-        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * 0.02)
-        head.bias.zero_()
+        for head in heads.values():
+            head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * 0.02)
+            head.bias.zero_()
+    heads.to(device)
     trainable = [p.requires_grad for p in vision.parameters()]
     vision.requires_grad_(True)
-    parameters = list(vision.parameters()) + list(head.parameters())
+    parameters = list(vision.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=lr)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * steps), steps)
     losses = []
@@ -274,8 +284,6 @@ def pretrain_vision_encoder(model, processor: PixelReferProcessor, samples: Sequ
         prompts = [[{"role": "user", "content": "<image>\n" + "<region>" * len(masks)}] for _, _, _, masks in loaded]
         encoded = processor(text=prompts, images=[image for _, image, _, _ in loaded],
                             masks=[masks for _, _, _, masks in loaded])
-        labels = torch.tensor([categories.index(o["category"]) for item in items for o in item.meta["objects"]],
-                              device=device)
         grids = encoded["region_grid_thw"].to(device)
         cell_mask = encoded["region_cell_mask"].to(device).float()
         with autocast():
@@ -284,7 +292,12 @@ def pretrain_vision_encoder(model, processor: PixelReferProcessor, samples: Sequ
         sums = torch.zeros(grids.shape[0], features.shape[-1], device=device).index_add_(
             0, owner, features.float() * cell_mask[:, None])
         counts = torch.zeros(grids.shape[0], device=device).index_add_(0, owner, cell_mask)
-        loss = torch.nn.functional.cross_entropy(head(sums / counts.clamp(min=1)[:, None]), labels)
+        pooled = sums / counts.clamp(min=1)[:, None]
+        loss = sum(
+            torch.nn.functional.cross_entropy(
+                heads[name](pooled),
+                torch.tensor([values.index(o[name]) for item in items for o in item.meta["objects"]], device=device))
+            for name, values in attributes.items())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)

@@ -254,8 +254,10 @@ def test_stage0_pretrains_the_vision_encoder_on_object_categories(tmp_path):
     from pixelrefer.training import labelled_objects, pretrain_vision_encoder
 
     data = _shapes(tmp_path)
-    chosen, categories = labelled_objects(data)
-    assert chosen and all(data[i].image is not None for i in chosen) and categories == sorted(set(categories))
+    chosen, attributes = labelled_objects(data)
+    assert chosen and all(data[i].image is not None for i in chosen)
+    assert set(attributes) == {"category", "colour", "size"}, "stage 0 names colour and size too"
+    assert attributes["category"] == sorted(set(attributes["category"])) and "red" in attributes["colour"]
     trainer = Trainer(config(tmp_path, "s0", vision_pretrain_steps=25, vision_pretrain_lr=3e-3, batch_size=4,
                              steps=1, save_every=100), data)
     model = trainer.accelerator.unwrap_model(trainer.model)
