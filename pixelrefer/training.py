@@ -19,7 +19,7 @@ Notable:
   pretrained SigLIP-NaViT; a tiny model has no such encoder, and learning shape
   through the LLM's loss alone left the shipped models at chance on shape
   categories. Stage 0 trains the vision encoder first to name each object's
-  category, colour and size from the mean of its foreground cell features
+  category and colour from the mean of its foreground cell features
   (linear heads, discarded after), on the records' own object labels and the
   same crops the object tokenizer sees. It runs on the main process, is saved atomically to
   `vision_pretrain/`, loaded by the other processes and by a resumed run, and
@@ -246,13 +246,14 @@ def labelled_objects(samples: Sequence) -> tuple[list[int], dict[str, list[str]]
 def pretrain_vision_encoder(model, processor: PixelReferProcessor, samples: Sequence, *, steps: int, lr: float,
                             batch_size: int, seed: int = 0, warmup_ratio: float = 0.03,
                             autocast: Callable = contextlib.nullcontext) -> list[float]:
-    """Stage 0: train `model`'s vision encoder to name each object's category, colour and size.
+    """Stage 0: train `model`'s vision encoder to name each object's category and colour (and size).
 
     Each step encodes `batch_size` labelled records with the processor (the object tokenizer's own crops),
     runs the vision encoder once over all crops, averages every object's foreground cell features and
     applies one linear head per attribute (created here, discarded after); the loss is the sum of their
-    cross-entropies. Naming colour and size too keeps them in the features: an encoder trained on
-    categories alone forgets colour, and stays frozen after. AdamW, cosine schedule with warm-up, gradient
+    cross-entropies. An attribute is used when every labelled object has it (ShapesWorld's parts have no
+    size, so its stage 0 names category and colour). Naming colour keeps it in the features: an encoder
+    trained on categories alone forgot colour, and it stays frozen after. AdamW, cosine schedule with warm-up, gradient
     norm clipped at 1. Returns the per-step losses.
     """
     chosen, attributes = labelled_objects(samples)
