@@ -1,0 +1,82 @@
+"""Held-out ShapesWorld accuracy of a model, as JSON: the numbers of the README's embedded-model table.
+
+    python benchmarks/shapesworld_accuracy.py --model shapes-tiny [--data runs/eval-shapesworld] [--threads 1]
+
+- category: exact match of one single-object category question per object of every test `category`
+  record, overall and for small (tiny, small) / large regions;
+- exact_match: per task, the greedy answer to each record's first question against its reference
+  (detailed captions left out: exact match says nothing about a 40-word caption);
+- multiple_choice: option-letter accuracy per VideoRefer-Bench-Q type;
+- short_caption_metrics: BLEU / ROUGE-L / CIDEr of the short captions (METEOR off: Java start-up).
+
+The test split is the one the shipped models were trained beside (`shapesworld_test_split` defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+
+import torch
+
+import pixelrefer
+from pixelrefer.analysis.ablations import category_accuracy
+from pixelrefer.data import load_annotations
+from pixelrefer.data.sample import SampleInputs
+from pixelrefer.evaluation.captions import caption_scores
+from pixelrefer.evaluation.category import exact_match
+from pixelrefer.evaluation.choice import choice_scores, score_item
+from pixelrefer.evaluation.models import PixelReferModel
+from pixelrefer.evaluation.runners import shapesworld_test_split
+
+
+def first_question(sample) -> tuple[SampleInputs, str]:
+    text, image, video, masks = sample.load_media()
+    k = next(i for i, turn in enumerate(text) if turn["role"] == "assistant")
+    used = sum(turn["content"].count("<region>") for turn in text[:k])
+    return SampleInputs(text[:k], image, video, masks[:used]), text[k]["content"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="shapes-tiny")
+    parser.add_argument("--data", default="runs/eval-shapesworld", help="folder for the generated test split")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, processor = pixelrefer.load(args.model)
+    test_file = shapesworld_test_split(args.data)
+    test = load_annotations(test_file, test_file.parent)
+    started = time.perf_counter()
+    result = {"model": args.model, "test_records": len(test)}
+    result["category"] = category_accuracy(model, processor, [s for s in test if s.task == "category"])
+    answer = PixelReferModel(model, processor, max_new_tokens=24)
+    hits, choices, captions = defaultdict(list), [], ([], [])
+    for task in sorted({s.task for s in test} - {"category", "detailed_caption"}):
+        samples = [s for s in test if s.task == task]
+        for start in range(0, len(samples), args.batch_size):
+            chunk = samples[start : start + args.batch_size]
+            asked = [first_question(s) for s in chunk]
+            for sample, (_, reference), prediction in zip(chunk, asked, answer([q for q, _ in asked])):
+                hits[task].append(exact_match(prediction, reference))
+                if task == "multiple_choice":
+                    choices.append(score_item(sample.id, prediction, sample.meta.get("Answer", reference),
+                                              type=sample.meta.get("type", ""), options=sample.meta.get("options")))
+                elif task == "short_caption":
+                    captions[0].append(prediction)
+                    captions[1].append(reference)
+    result["exact_match"] = {task: {"accuracy": sum(v) / len(v), "records": len(v)} for task, v in hits.items()}
+    scores = choice_scores(choices)
+    result["multiple_choice"] = {"accuracy": scores.overall, "per_type": scores.per_type, "questions": scores.count}
+    metrics = caption_scores(captions[0], captions[1], meteor=False)
+    result["short_caption_metrics"] = {k: v for k, v in vars(metrics).items() if isinstance(v, float)}
+    result["seconds"] = time.perf_counter() - started
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
