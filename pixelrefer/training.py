@@ -243,6 +243,28 @@ def labelled_objects(samples: Sequence) -> tuple[list[int], dict[str, list[str]]
     return chosen, {name: sorted(v) for name, v in values.items() if v and None not in v}
 
 
+def pooled_object_features(model, processor: PixelReferProcessor, samples: Sequence,
+                           autocast: Callable = contextlib.nullcontext) -> torch.Tensor:
+    """(objects, C) mean vision feature of each object's foreground crop cells, object after object of
+    `samples` (image records): the object tokenizer's own crops, one vision-encoder call. What stage 0 trains
+    on and what `pixelrefer.analysis.probe` reads."""
+    inner = model.model
+    device = next(inner.vision_model.parameters()).device
+    loaded = [sample.load_media() for sample in samples]
+    prompts = [[{"role": "user", "content": "<image>\n" + "<region>" * len(masks)}] for _, _, _, masks in loaded]
+    encoded = processor(text=prompts, images=[image for _, image, _, _ in loaded],
+                        masks=[masks for _, _, _, masks in loaded])
+    grids = encoded["region_grid_thw"].to(device)
+    cell_mask = encoded["region_cell_mask"].to(device).float()
+    with autocast():
+        features = inner.encode_vision(encoded["region_pixel_values"].to(device), grids)
+    owner = torch.repeat_interleave(torch.arange(grids.shape[0], device=device), grids.prod(-1))
+    sums = torch.zeros(grids.shape[0], features.shape[-1], device=device).index_add_(
+        0, owner, features.float() * cell_mask[:, None])
+    counts = torch.zeros(grids.shape[0], device=device).index_add_(0, owner, cell_mask)
+    return sums / counts.clamp(min=1)[:, None]
+
+
 def pretrain_vision_encoder(model, processor: PixelReferProcessor, samples: Sequence, *, steps: int, lr: float,
                             batch_size: int, seed: int = 0, warmup_ratio: float = 0.03,
                             autocast: Callable = contextlib.nullcontext) -> list[float]:
@@ -260,8 +282,7 @@ def pretrain_vision_encoder(model, processor: PixelReferProcessor, samples: Sequ
     if not chosen:
         raise ValueError("vision_pretrain_steps needs image records whose objects carry categories "
                          "(`objects: [{category: ...}]` per mask, as ShapesWorld writes them)")
-    inner = model.model
-    vision = inner.vision_model
+    vision = model.model.vision_model
     device = next(vision.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     heads = torch.nn.ModuleDict(
@@ -281,19 +302,7 @@ def pretrain_vision_encoder(model, processor: PixelReferProcessor, samples: Sequ
     for _ in tqdm(range(steps), desc="stage 0: vision encoder"):
         picks = torch.randint(len(chosen), (batch_size,), generator=generator).tolist()
         items = [samples[chosen[i]] for i in picks]
-        loaded = [item.load_media() for item in items]
-        prompts = [[{"role": "user", "content": "<image>\n" + "<region>" * len(masks)}] for _, _, _, masks in loaded]
-        encoded = processor(text=prompts, images=[image for _, image, _, _ in loaded],
-                            masks=[masks for _, _, _, masks in loaded])
-        grids = encoded["region_grid_thw"].to(device)
-        cell_mask = encoded["region_cell_mask"].to(device).float()
-        with autocast():
-            features = inner.encode_vision(encoded["region_pixel_values"].to(device), grids)
-        owner = torch.repeat_interleave(torch.arange(grids.shape[0], device=device), grids.prod(-1))
-        sums = torch.zeros(grids.shape[0], features.shape[-1], device=device).index_add_(
-            0, owner, features.float() * cell_mask[:, None])
-        counts = torch.zeros(grids.shape[0], device=device).index_add_(0, owner, cell_mask)
-        pooled = sums / counts.clamp(min=1)[:, None]
+        pooled = pooled_object_features(model, processor, items, autocast=autocast)
         loss = sum(
             torch.nn.functional.cross_entropy(
                 heads[name](pooled),

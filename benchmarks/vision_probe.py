@@ -1,0 +1,54 @@
+"""Linear probes of a model's frozen vision encoder on ShapesWorld objects, as JSON.
+
+    python benchmarks/vision_probe.py --model shapes-tiny [--encoder PATH.safetensors] [--data runs/eval-shapesworld]
+
+Object features are the mean of each object's foreground crop cells (what stage 0 trains); the probe is fitted
+on the first `--train-records` labelled train records and scored on the labelled val records
+(`pixelrefer.analysis.probe`). `--encoder` scores a stage-0 encoder file (`<output_dir>/vision_pretrain/
+vision_encoder.safetensors`) in the model's place. The split is the one the shipped models were trained beside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import torch
+from safetensors.torch import load_file
+
+import pixelrefer
+from pixelrefer.analysis.probe import linear_probe, object_features
+from pixelrefer.data import load_annotations
+from pixelrefer.evaluation.runners import shapesworld_test_split
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="shapes-tiny")
+    parser.add_argument("--encoder", default=None, help="a vision_encoder.safetensors to load into the model")
+    parser.add_argument("--data", default="runs/eval-shapesworld", help="folder for the generated splits")
+    parser.add_argument("--train-records", type=int, default=1200)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, processor = pixelrefer.load(args.model)
+    if args.encoder:
+        model.model.vision_model.load_state_dict(load_file(args.encoder))
+    root = shapesworld_test_split(args.data).parent
+    train = [s for s in load_annotations(root / "train.json", root) if s.task == "category"][: args.train_records]
+    val = [s for s in load_annotations(root / "val.json", root) if s.task == "category"]
+    started = time.perf_counter()
+    fitted, scored = object_features(model, processor, train), object_features(model, processor, val)
+    report = {"model": args.model, "encoder": args.encoder, "train_objects": len(fitted[1]),
+              "val_objects": len(scored[1])}
+    for attribute in ("category", "colour"):
+        report[attribute] = dataclasses.asdict(linear_probe(fitted, scored, attribute))
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

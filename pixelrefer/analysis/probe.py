@@ -1,0 +1,80 @@
+"""Linear probes of a frozen vision encoder: how well its object features name category and colour.
+
+Notable:
+- An object's feature is the mean of its foreground crop cells
+  (`pixelrefer.training.pooled_object_features`), the quantity stage 0 trains
+  on; the probe is one linear layer on standardised features, fitted with
+  full-batch Adam on one set of records and scored on another.
+- Accuracy is per object, overall and per ShapesWorld size (tiny, small,
+  medium, large; objects without a size, such as composites, count as
+  "unsized"). It measures what the encoder makes linearly readable, not what
+  the LLM reads: the object tokenizer's k-means tokens and the LLM can do better.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from pixelrefer.training import labelled_objects, pooled_object_features
+
+
+@dataclass
+class ProbeResult:
+    attribute: str
+    accuracy: float
+    per_size: dict[str, float]
+    objects: int
+    classes: int
+
+
+@torch.no_grad()
+def object_features(model, processor, samples: Sequence, *, batch_size: int = 16) -> tuple[torch.Tensor, list[dict]]:
+    """Mean foreground features (objects, C) of every labelled image record, and each object's labels."""
+    chosen, _ = labelled_objects(samples)
+    if not chosen:
+        raise ValueError("no image record whose objects carry categories (ShapesWorld `objects` labels)")
+    was_training = model.training
+    model.eval()
+    features, labels = [], []
+    for start in range(0, len(chosen), batch_size):
+        items = [samples[i] for i in chosen[start : start + batch_size]]
+        features.append(pooled_object_features(model, processor, items).cpu())
+        labels += [o for item in items for o in item.meta["objects"]]
+    model.train(was_training)
+    return torch.cat(features), labels
+
+
+def linear_probe(train: tuple[torch.Tensor, list[dict]], test: tuple[torch.Tensor, list[dict]], attribute: str,
+                 *, steps: int = 500, lr: float = 1e-2, seed: int = 0) -> ProbeResult:
+    """Fit a linear classifier of `attribute` on `train` (features, labels) and score it on `test`.
+
+    Test objects whose value never occurs in training count as wrong.
+    """
+    (x, y_labels), (x_test, test_labels) = train, test
+    values = sorted({o[attribute] for o in y_labels})
+    y = torch.tensor([values.index(o[attribute]) for o in y_labels])
+    y_test = torch.tensor([values.index(o[attribute]) if o[attribute] in values else -1 for o in test_labels])
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    x, x_test = (x - mean) / std, (x_test - mean) / std
+    generator = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(x.shape[1], len(values))
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * 0.01)
+        head.bias.zero_()
+    optimizer = torch.optim.Adam(head.parameters(), lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(head(x), y).backward()
+            optimizer.step()
+    with torch.no_grad():
+        hits = (head(x_test).argmax(1) == y_test).float().tolist()
+    by_size = defaultdict(list)
+    for obj, hit in zip(test_labels, hits):
+        by_size[obj.get("size") or "unsized"].append(hit)
+    return ProbeResult(attribute, sum(hits) / len(hits), {k: sum(v) / len(v) for k, v in sorted(by_size.items())},
+                       len(hits), len(values))

@@ -1,0 +1,47 @@
+"""Linear probes of the vision encoder (`pixelrefer.analysis.probe`)."""
+
+import pytest
+import torch
+
+from pixelrefer.analysis.probe import linear_probe, object_features
+from tests.conftest import build
+
+
+def _labels(classes, sizes=("small", "large")):
+    return [{"category": f"c{c}", "size": sizes[i % len(sizes)]} for i, c in enumerate(classes)]
+
+
+def test_linear_probe_reads_separable_features_and_not_noise():
+    g = torch.Generator().manual_seed(0)
+    classes = torch.randint(4, (400,), generator=g)
+    centres = torch.randn(4, 16, generator=g) * 4
+    features = centres[classes] + torch.randn(400, 16, generator=g)
+    train, test = (features[:300], _labels(classes[:300].tolist())), (features[300:], _labels(classes[300:].tolist()))
+    result = linear_probe(train, test, "category")
+    assert result.accuracy > 0.95 and result.objects == 100 and result.classes == 4
+    assert set(result.per_size) == {"small", "large"}
+
+    noise = torch.randn(400, 16, generator=g)
+    chance = linear_probe((noise[:300], train[1]), (noise[300:], test[1]), "category")
+    assert chance.accuracy < 0.45, "random features carry no category"
+
+
+def test_a_test_value_unseen_in_training_counts_as_wrong():
+    features = torch.eye(3).repeat(10, 1)
+    labels = _labels([0, 1, 2] * 10)
+    result = linear_probe((features, labels), (torch.eye(3), _labels([0, 1, 7])), "category")
+    assert result.accuracy == pytest.approx(2 / 3)
+
+
+def test_object_features_give_one_row_per_labelled_object(tmp_path):
+    from pixelrefer.data import generate_shapesworld, load_annotations
+
+    paths = generate_shapesworld(tmp_path, seed=3, num_images=5, num_videos=0, splits=(1.0, 0.0, 0.0))
+    records = [s for s in load_annotations(paths["train"], tmp_path) if s.task == "category"]
+    model, processor = build("vision_object")
+    features, labels = object_features(model, processor, records, batch_size=2)
+    assert features.shape == (sum(len(r.masks) for r in records), model.config.vision_config.hidden_size)
+    assert [o["category"] for o in labels] == [o["category"] for r in records for o in r.meta["objects"]]
+    assert torch.isfinite(features).all()
+    with pytest.raises(ValueError, match="objects carry categories"):
+        object_features(model, processor, [])
