@@ -4,7 +4,8 @@
 
 Object features are the mean of each object's foreground crop cells (what stage 0 trains); the probe is fitted
 on the first `--train-records` labelled train records and scored on the labelled val records
-(`pixelrefer.analysis.probe`). `--encoder` scores a stage-0 encoder file (`<output_dir>/vision_pretrain/
+(`pixelrefer.analysis.probe`); `variance_share` is the share of the val features' variance an attribute's
+class means explain. `--encoder` scores a stage-0 encoder file (`<output_dir>/vision_pretrain/
 vision_encoder.safetensors`) in the model's place. The split is the one the shipped models were trained beside.
 """
 
@@ -19,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 import pixelrefer
-from pixelrefer.analysis.probe import linear_probe, object_features
+from pixelrefer.analysis.probe import linear_probe, object_features, variance_share
 from pixelrefer.data import load_annotations
 from pixelrefer.evaluation.runners import shapesworld_test_split
 
@@ -46,6 +47,7 @@ def main() -> None:
               "val_objects": len(scored[1])}
     for attribute in ("category", "colour"):
         report[attribute] = dataclasses.asdict(linear_probe(fitted, scored, attribute))
+        report[attribute]["variance_share"] = variance_share(*scored, attribute)
     report["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(report, indent=1))
 

@@ -45,3 +45,14 @@ def test_object_features_give_one_row_per_labelled_object(tmp_path):
     assert torch.isfinite(features).all()
     with pytest.raises(ValueError, match="objects carry categories"):
         object_features(model, processor, [])
+
+
+def test_variance_share_is_the_part_of_the_variance_the_class_means_explain():
+    from pixelrefer.analysis.probe import variance_share
+
+    labels = _labels([0, 0, 1, 1])
+    features = torch.tensor([[-1.0, 0.0], [-1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    assert variance_share(features, labels, "category") == pytest.approx(1.0)
+    noisy = features + torch.tensor([[0.0, 1.0], [0.0, -1.0], [0.0, -1.0], [0.0, 1.0]])
+    assert variance_share(noisy, labels, "category") == pytest.approx(0.5)
+    assert variance_share(noisy, labels, "size") == pytest.approx(0.0), "each size holds one object of each class and opposite noise"

@@ -9,6 +9,9 @@ Notable:
   medium, large; objects without a size, such as composites, count as
   "unsized"). It measures what the encoder makes linearly readable, not what
   the LLM reads: the object tokenizer's k-means tokens and the LLM can do better.
+- `variance_share` is the fraction of the features' total variance that an
+  attribute's class means explain (R²): linear readability says a signal is
+  there, its share says how loud it is next to the others.
 """
 
 from __future__ import annotations
@@ -78,3 +81,13 @@ def linear_probe(train: tuple[torch.Tensor, list[dict]], test: tuple[torch.Tenso
         by_size[obj.get("size") or "unsized"].append(hit)
     return ProbeResult(attribute, sum(hits) / len(hits), {k: sum(v) / len(v) for k, v in sorted(by_size.items())},
                        len(hits), len(values))
+
+
+def variance_share(features: torch.Tensor, labels: list[dict], attribute: str) -> float:
+    """Fraction of the total variance of `features` (objects, C) explained by the means of `attribute`'s classes."""
+    values = sorted({o[attribute] for o in labels})
+    index = torch.tensor([values.index(o[attribute]) for o in labels])
+    centred = features.double() - features.double().mean(0)
+    means = torch.zeros(len(values), features.shape[1], dtype=torch.float64).index_add_(0, index, centred)
+    means /= torch.bincount(index, minlength=len(values)).clamp(min=1)[:, None]
+    return float((means[index] ** 2).sum() / (centred**2).sum())
