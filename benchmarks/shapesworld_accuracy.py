@@ -6,7 +6,8 @@
   record, overall and for small (tiny, small) / large regions;
 - exact_match: per task, the greedy answer to each record's first question against its reference
   (detailed captions left out: exact match says nothing about a 40-word caption);
-- multiple_choice: option-letter accuracy per VideoRefer-Bench-Q type;
+- multiple_choice: option-letter accuracy per VideoRefer-Bench-Q type (videos); image_choice: the same on the
+  images' lettered colour / shape questions (first question of each record);
 - short_caption_metrics: BLEU / ROUGE-L / CIDEr of the short captions (METEOR off: Java start-up).
 
 The test split is the one the shipped models were trained beside (`shapesworld_test_split` defaults).
@@ -45,17 +46,19 @@ def main() -> None:
     parser.add_argument("--data", default="runs/eval-shapesworld", help="folder for the generated test split")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--num-videos", type=int, default=None, help="the test split of another video count")
+    parser.add_argument("--image-choice", action="store_true", help="a split with image multiple choice")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     model, processor = pixelrefer.load(args.model)
-    test_file = shapesworld_test_split(args.data)
+    test_file = shapesworld_test_split(args.data, num_videos=args.num_videos, image_choice=args.image_choice or None)
     test = load_annotations(test_file, test_file.parent)
     started = time.perf_counter()
     result = {"model": args.model, "test_records": len(test)}
     result["category"] = category_accuracy(model, processor, [s for s in test if s.task == "category"])
     answer = PixelReferModel(model, processor, max_new_tokens=24)
-    hits, choices, captions = defaultdict(list), [], ([], [])
+    hits, choices, captions = defaultdict(list), defaultdict(list), ([], [])
     for task in sorted({s.task for s in test} - {"category", "detailed_caption"}):
         samples = [s for s in test if s.task == task]
         for start in range(0, len(samples), args.batch_size):
@@ -63,15 +66,17 @@ def main() -> None:
             asked = [first_question(s) for s in chunk]
             for sample, (_, reference), prediction in zip(chunk, asked, answer([q for q, _ in asked])):
                 hits[task].append(exact_match(prediction, reference))
-                if task == "multiple_choice":
-                    choices.append(score_item(sample.id, prediction, sample.meta.get("Answer", reference),
-                                              type=sample.meta.get("type", ""), options=sample.meta.get("options")))
+                if task in ("multiple_choice", "image_choice"):
+                    truth = sample.meta.get("Answer", reference)
+                    choices[task].append(score_item(sample.id, prediction, truth, type=sample.meta.get("type", ""),
+                                                    options=sample.meta.get("options")))
                 elif task == "short_caption":
                     captions[0].append(prediction)
                     captions[1].append(reference)
     result["exact_match"] = {task: {"accuracy": sum(v) / len(v), "records": len(v)} for task, v in hits.items()}
-    scores = choice_scores(choices)
-    result["multiple_choice"] = {"accuracy": scores.overall, "per_type": scores.per_type, "questions": scores.count}
+    for task, items in sorted(choices.items()):
+        scores = choice_scores(items)
+        result[task] = {"accuracy": scores.overall, "per_type": scores.per_type, "questions": scores.count}
     metrics = caption_scores(captions[0], captions[1], meteor=False)
     result["short_caption_metrics"] = {k: v for k, v in vars(metrics).items() if isinstance(v, float)}
     result["seconds"] = time.perf_counter() - started

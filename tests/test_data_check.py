@@ -132,4 +132,9 @@ def test_cli_writes_shapesworld_and_shows_usage_without_an_action(tmp_path, caps
     assert run_cli(["data", "shapesworld", str(tmp_path), "--images", "3", "--videos", "2", "--seed", "5"]) == 0
     assert "train: " in capsys.readouterr().out
     assert run_cli(["data", "check", str(tmp_path / "train.json")]) == 0
+    assert '"image_choice": false' in (tmp_path / "info.json").read_text()
+    assert run_cli(["data", "shapesworld", str(tmp_path / "mc"), "--images", "3", "--videos", "0",
+                    "--image-choice"]) == 0
+    assert json.loads((tmp_path / "mc" / "info.json").read_text())["image_choice"] is True
+    assert run_cli(["data", "check", str(tmp_path / "mc" / "train.json")]) == 0
     assert run_cli(["data"]) == 2

@@ -1,6 +1,7 @@
 """ShapesWorld: byte-reproducible, clean under the validator, every task present, covered by its vocabulary,
 and trainable end to end by both frameworks on images and videos."""
 
+import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -10,6 +11,8 @@ import torch
 
 from pixelrefer import PixelReferConfig, PixelReferForConditionalGeneration, PixelReferProcessor
 from pixelrefer.data import check_annotations, generate_shapesworld, load_annotations, shapesworld_vocabulary
+from pixelrefer.data import tasks
+from pixelrefer.data.formats import BENCH_Q_INSTRUCTION
 from pixelrefer.data.shapesworld import split_counts
 from pixelrefer.tokenizer import build_tokenizer
 from tests.conftest import tiny_overrides
@@ -69,6 +72,47 @@ def test_every_task_type_is_present(samples):
             assert sample.meta["Answer"] in sample.meta["options"]
             letters = [option[:3] for option in sample.meta["options"]]
             assert letters == ["(A)", "(B)", "(C)", "(D)"][: len(letters)]
+
+
+@pytest.fixture(scope="module")
+def with_choice(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapesworld-choice")
+    return generate_shapesworld(out, seed=0, image_choice=True, **SMALL)
+
+
+def test_image_choice_questions_name_the_right_option_for_their_object(with_choice):
+    """Image multiple choice: Bench-Q's layout (question, four lettered options, the instruction), answered by
+    the option holding the asked object's colour or category; objects numbered by turn."""
+    samples = [s for path in with_choice.values() for s in load_annotations(path)]
+    records = [s for s in samples if s.task == "image_choice"]
+    assert len(records) == SMALL["num_images"] and all(1 <= len(s.masks) <= 3 for s in records)
+    asked = Counter()
+    for sample in records:
+        turns = sample.conversation
+        assert [t["role"] for t in turns] == ["user", "assistant"] * len(sample.masks)
+        for k, (question, answer) in enumerate(zip(turns[::2], turns[1::2])):
+            lines = question["content"].removeprefix("<image>\n").split("\n")
+            assert lines[0] in (tasks.CHOICE_COLOUR_Q.format(k=k), tasks.CHOICE_SHAPE_Q.format(k=k))
+            assert [line[:3] for line in lines[1:5]] == ["(A)", "(B)", "(C)", "(D)"] and lines[5:] == [
+                BENCH_Q_INSTRUCTION]
+            assert answer["content"] in lines[1:5]
+            attribute = "colour" if "colour" in lines[0] else "category"
+            asked[attribute] += 1
+            truth = sample.meta["objects"][k][attribute]
+            assert answer["content"][4:] == truth
+            assert [line[4:] for line in lines[1:5]].count(truth) == 1, "exactly one option is right"
+    assert asked["colour"] > 0 and asked["category"] > 0
+
+
+def test_image_choice_is_opt_in_and_leaves_every_other_record_unchanged(world, with_choice):
+    """Drawn last, the image multiple choice must not change any other record of the same seed (so splits and
+    numbers measured without it stay comparable)."""
+    _, paths = world
+    for name, path in paths.items():
+        plain = json.loads(path.read_text())
+        assert "image_choice" not in {r["task"] for r in plain}
+        kept = [r for r in json.loads(with_choice[name].read_text()) if r["task"] != "image_choice"]
+        assert kept == plain, name
 
 
 def test_tiny_objects_and_parts_are_present(samples):

@@ -315,3 +315,20 @@ def test_shapesworld_test_split_defaults_to_the_shipped_models_data(tmp_path, mo
     assert asked == TRAIN_PRESETS["shapes-tiny"]["shapesworld"]
     runners.shapesworld_test_split(tmp_path, num_images=10)
     assert asked["num_images"] == 10 and asked["seed"] == TRAIN_PRESETS["shapes-tiny"]["shapesworld"]["seed"]
+
+
+def test_shapesworld_test_split_is_reused_only_at_the_same_parameters_and_version(tmp_path, monkeypatch):
+    from pixelrefer.data.shapesworld import VERSION
+    from pixelrefer.evaluation import runners
+
+    calls = []
+    monkeypatch.setattr(runners, "generate_shapesworld", lambda folder, **kw: calls.append(kw) or {"test": "new"})
+    wanted = dict(seed=3, num_images=10, num_videos=2)
+    (tmp_path / "test.json").write_text("[]")
+    info = tmp_path / "info.json"
+    info.write_text(json.dumps(dict(wanted, version=VERSION)))
+    assert runners.shapesworld_test_split(tmp_path, **wanted) == tmp_path / "test.json" and not calls
+    info.write_text(json.dumps(dict(wanted, version=VERSION - 1)))
+    assert runners.shapesworld_test_split(tmp_path, **wanted) == "new" and calls == [wanted], "an older version"
+    info.write_text(json.dumps(dict(wanted, version=VERSION, num_videos=3)))
+    assert runners.shapesworld_test_split(tmp_path, **wanted) == "new" and len(calls) == 2

@@ -123,6 +123,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     world.add_argument("--seed", type=int, default=0)
     world.add_argument("--images", type=int, default=None, help="number of images (default: the generator's)")
     world.add_argument("--videos", type=int, default=None, help="number of videos (default: the generator's)")
+    world.add_argument("--image-choice", action="store_true",
+                       help="add lettered colour / shape questions on every image (VideoRefer-Bench-Q layout)")
     world.set_defaults(handler=run_shapesworld)
     data.set_defaults(handler=lambda args: _usage(data))
 
@@ -141,7 +143,8 @@ def run_shapesworld(args: argparse.Namespace) -> int:
     from pixelrefer.data.shapesworld import generate_shapesworld
 
     sizes = {k: v for k, v in (("num_images", args.images), ("num_videos", args.videos)) if v is not None}
-    for split, path in generate_shapesworld(args.out, seed=args.seed, **sizes).items():
+    for split, path in generate_shapesworld(args.out, seed=args.seed, image_choice=args.image_choice,
+                                            **sizes).items():
         print(f"{split}: {path}")
     return 0
 

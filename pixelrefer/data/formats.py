@@ -99,14 +99,18 @@ def _turns(raw, where: str) -> list[dict[str, str]]:
     return turns
 
 
+def bench_q_prompt(question: str, options: list[str]) -> str:
+    """The user turn of a VideoRefer-Bench-Q question: the question, one option per line, the instruction."""
+    return "\n".join([question, *options, BENCH_Q_INSTRUCTION] if options else [question])
+
+
 def _bench_q_turns(record: dict, where: str) -> list[dict[str, str]]:
     question, options, answer = record["Question"], record.get("options", []), record.get("Answer")
     if not isinstance(question, str):
         raise InputError(f"{where}: 'Question' must be a string")
     if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
         raise InputError(f"{where}: 'options' must be a list of strings like \"(A) ...\"")
-    prompt = "\n".join([question, *options, BENCH_Q_INSTRUCTION] if options else [question])
-    turns = [{"role": "user", "content": prompt}]
+    turns = [{"role": "user", "content": bench_q_prompt(question, options)}]
     if answer is not None:
         if not isinstance(answer, str):
             raise InputError(f"{where}: 'Answer' must be a string like \"(A) ...\"")

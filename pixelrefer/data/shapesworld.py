@@ -11,7 +11,9 @@ Notable:
   image records (`image`, `conversations`, `masks`), video caption records
   (a frame list with `timestamps`, `masks` as {frame: rle}) and multiple
   choice in VideoRefer-Bench-Q form (`Question`, `type`, `options`,
-  `Answer`, `annotation` wrappers). `objects` describes each mask.
+  `Answer`, `annotation` wrappers). `objects` describes each mask. With
+  `image_choice=True` each image also gets lettered colour / shape questions
+  in that layout (as conversation turns); the other records stay the same.
 - Splits: a seeded permutation, images and videos split separately (largest
   remainder), so every split with a non-zero fraction gets both.
 - `shapesworld_vocabulary()` lists every word the generator and the chat
@@ -54,6 +56,7 @@ def generate_shapesworld(
     image_size: int | tuple[int, int] = 128,
     num_frames: int = 8,
     fps: float = 2.0,
+    image_choice: bool = False,
 ) -> dict[str, Path]:
     """Write ShapesWorld to `out_dir`; return the annotation file of each split.
 
@@ -65,6 +68,8 @@ def generate_shapesworld(
         splits: train / val / test fractions of the images and of the videos.
         image_size: side, or (height, width), of images and video frames (at least 64).
         num_frames, fps: video length (at least 6 frames) and frame rate (timestamps t / fps).
+        image_choice: add an `image_choice` record per image (lettered colour / shape questions in
+            VideoRefer-Bench-Q's layout); every other record stays the same.
     """
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     _validate(num_images, num_videos, splits, height, width, num_frames, fps)
@@ -73,7 +78,8 @@ def generate_shapesworld(
     image_split = _assign(num_images, splits, np.random.default_rng([seed, _SPLIT, _IMAGE]))
     video_split = _assign(num_videos, splits, np.random.default_rng([seed, _SPLIT, _VIDEO]))
     for i in range(num_images):
-        records[image_split[i]] += _write_image(out, i, np.random.default_rng([seed, _IMAGE, i]), height, width)
+        rng = np.random.default_rng([seed, _IMAGE, i])
+        records[image_split[i]] += _write_image(out, i, rng, height, width, image_choice)
     for i in range(num_videos):
         rng = np.random.default_rng([seed, _VIDEO, i])
         records[video_split[i]] += _write_video(out, i, rng, height, width, num_frames, fps)
@@ -82,7 +88,7 @@ def generate_shapesworld(
         paths[name] = out / f"{name}.json"
         atomic_write(paths[name], _json_lines(records[name]).encode("utf-8"))
     info = dict(name="ShapesWorld", version=VERSION, seed=seed, num_images=num_images, num_videos=num_videos,
-                height=height, width=width, num_frames=num_frames, fps=fps,
+                height=height, width=width, num_frames=num_frames, fps=fps, image_choice=image_choice,
                 splits={name: dict(images=image_split.count(name), videos=video_split.count(name),
                                    records=len(records[name])) for name in SPLITS})
     atomic_write(out / "info.json", (json.dumps(info, indent=1) + "\n").encode("utf-8"))
@@ -157,7 +163,8 @@ def _conversation(turns: list[tuple[str, str]], media_tag: str) -> list[dict]:
     return out
 
 
-def _write_image(out: Path, i: int, rng: np.random.Generator, height: int, width: int) -> list[dict]:
+def _write_image(out: Path, i: int, rng: np.random.Generator, height: int, width: int,
+                 image_choice: bool) -> list[dict]:
     scene = sample_scene(rng, height, width)
     name = f"img_{i:05d}"
     relative = f"images/{name}.png"
@@ -166,7 +173,7 @@ def _write_image(out: Path, i: int, rng: np.random.Generator, height: int, width
         {"id": f"{name}-{record.task}", "task": record.task, "image": relative, "height": height, "width": width,
          "conversations": _conversation(record.conversation, "<image>\n"),
          "masks": [mask_to_rle(m) for m in record.masks], "objects": record.objects}
-        for record in tasks.image_tasks(scene, rng)
+        for record in tasks.image_tasks(scene, rng, image_choice)
     ]
 
 

@@ -4,7 +4,9 @@ Notable:
 - Image tasks: category recognition (multi-turn, LVIS prompt), short caption
   (VG prompt), detailed caption (colour, size, shape, position, parts,
   occluder, nearest neighbour), and multi-object region QA: relations,
-  comparisons (size, colour), counting and parts.
+  comparisons (size, colour), counting and parts; and lettered-option
+  questions on images (colour or shape, VideoRefer-Bench-Q's layout; opt-in),
+  so a model meets the option-letter form on images, not only on videos.
 - Video tasks: object motion captions (one turn per object) and
   VideoRefer-Bench-Q-style multiple choice of the five types (Basic,
   Sequential, Relationship, Reasoning, Future) with lettered options.
@@ -22,7 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pixelrefer.data.scenes import CATEGORIES, COLOURS, MOTIONS, Scene, SceneObject, Track, VideoScene
+from pixelrefer.data.formats import bench_q_prompt
+from pixelrefer.data.scenes import CATEGORIES, COLOURS, COMPOSITES, MOTIONS, Scene, SceneObject, Track, VideoScene
 
 CATEGORY_Q = "What is the category of <region>? Using only one word or phrase."
 SHORT_Q = "Please describe <region> briefly."
@@ -46,6 +49,8 @@ VIDEO_CAPTION_Q = "What does <object{k}><region> do?"
 VIDEO_CAPTION_A = "the {colour} {category} {phrase}"
 BASIC_COLOUR_Q = "What is the colour of <object0><region>?"
 BASIC_SHAPE_Q = "What shape is <object0><region>?"
+CHOICE_COLOUR_Q = "What is the colour of <object{k}><region>?"
+CHOICE_SHAPE_Q = "What shape is <object{k}><region>?"
 SEQUENTIAL_Q = "What happens to <object0><region> over time?"
 RELATIONSHIP_Q = "Where is <object0><region> relative to <object1><region> when both are first seen?"
 REASONING_Q = "Which moves faster, <object0><region> or <object1><region>?"
@@ -69,6 +74,7 @@ ROWS, COLUMNS = ("top", "middle", "bottom"), ("left", "center", "right")
 POSITIONS = {"corner": "in the {row} {column} corner", "row": "at the {row}", "column": "on the {column}",
              "center": "in the center"}
 LETTERS = "ABCDE"
+SHAPE_NAMES = (*CATEGORIES, *COMPOSITES)  # what an object's category can be
 
 
 @dataclass
@@ -228,13 +234,29 @@ def part_task(scene: Scene, rng: np.random.Generator) -> TaskRecord | None:
     return TaskRecord("part", [obj.mask], [_info(obj)], turns)
 
 
+def choice_task(scene: Scene, rng: np.random.Generator) -> TaskRecord:
+    """Lettered-option questions on a still image, in VideoRefer-Bench-Q's layout (its Basic type): the
+    colour or the shape of up to three objects, one question per turn, answered by `(X) option`."""
+    picked = [scene.objects[i] for i in rng.permutation(len(scene.objects))[:3]]
+    turns = []
+    for k, obj in enumerate(picked):
+        if rng.random() < 0.5:
+            question, (options, answer) = CHOICE_COLOUR_Q.format(k=k), _options(rng, obj.colour, COLOURS)
+        else:
+            question, (options, answer) = CHOICE_SHAPE_Q.format(k=k), _options(rng, obj.category, SHAPE_NAMES)
+        turns += [("human", bench_q_prompt(question, options)), ("gpt", answer)]
+    return TaskRecord("image_choice", [o.mask for o in picked], [_info(o) for o in picked], turns)
+
+
 IMAGE_TASKS = (category_task, short_caption_task, detailed_caption_task, relation_task, comparison_task,
                counting_task, part_task)
 
 
-def image_tasks(scene: Scene, rng: np.random.Generator) -> list[TaskRecord]:
-    """Every image task that has an unambiguous question on this scene."""
-    return [record for make in IMAGE_TASKS if (record := make(scene, rng)) is not None]
+def image_tasks(scene: Scene, rng: np.random.Generator, image_choice: bool = False) -> list[TaskRecord]:
+    """Every image task that has an unambiguous question on this scene, and with `image_choice` the lettered
+    questions too. Those draw last, so turning them on leaves every other record of the seed unchanged."""
+    records = [record for make in IMAGE_TASKS if (record := make(scene, rng)) is not None]
+    return records + [choice_task(scene, rng)] if image_choice else records
 
 
 # ----------------------------------------------------------------------------- video tasks
@@ -338,9 +360,10 @@ def video_tasks(video: VideoScene, rng: np.random.Generator) -> list[TaskRecord]
 TEMPLATES = (
     CATEGORY_Q, SHORT_Q, DETAILED_Q, RELATION_Q, RELATION_A, SIZE_Q, SIZE_A, SAME_COLOUR_Q, SAME_COLOUR_YES,
     SAME_COLOUR_NO, COUNT_Q, PART_NAME_Q, PART_COLOUR_Q, DETAIL_LOOK, DETAIL_PARTS, DETAIL_HIDDEN, DETAIL_NEAREST,
-    DETAIL_COUNT, VIDEO_CAPTION_Q, VIDEO_CAPTION_A, BASIC_COLOUR_Q, BASIC_SHAPE_Q, SEQUENTIAL_Q, RELATIONSHIP_Q,
-    REASONING_Q, FUTURE_Q, *RELATIONS.values(), *DIRECTIONS.values(), *MOTION_PHRASES.values(),
-    *EVENT_PHRASES.values(), *FUTURE_PHRASES.values(), *SPEED_OPTIONS, *NUMBER_WORDS, *ROWS, *COLUMNS,
+    DETAIL_COUNT, VIDEO_CAPTION_Q, VIDEO_CAPTION_A, BASIC_COLOUR_Q, BASIC_SHAPE_Q, CHOICE_COLOUR_Q,
+    CHOICE_SHAPE_Q, SEQUENTIAL_Q, RELATIONSHIP_Q, REASONING_Q, FUTURE_Q, *RELATIONS.values(), *DIRECTIONS.values(),
+    *MOTION_PHRASES.values(), *EVENT_PHRASES.values(), *FUTURE_PHRASES.values(), *SPEED_OPTIONS, *NUMBER_WORDS,
+    *ROWS, *COLUMNS,
     *POSITIONS.values(), *MOTIONS, SEQUENTIAL_OPTION, *SIZE_ADJECTIVES, *COUNT_ATTRIBUTES, *ARTICLES, *LIST_JOINERS,
     *(f"({letter})" for letter in LETTERS),
 )

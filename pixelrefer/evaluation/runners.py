@@ -28,6 +28,7 @@ Notable:
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -36,6 +37,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pixelrefer.data.shapesworld import VERSION as SHAPESWORLD_VERSION
 from pixelrefer.data.shapesworld import atomic_write, generate_shapesworld
 from pixelrefer.errors import InputError
 from pixelrefer.evaluation.benchmarks import BENCHMARKS, Query, get_benchmark, load_queries
@@ -217,7 +219,7 @@ def _finite(value):
 
 
 def shapesworld_test_split(folder: str | Path, *, seed: int | None = None, num_images: int | None = None,
-                           num_videos: int | None = None) -> Path:
+                           num_videos: int | None = None, image_choice: bool | None = None) -> Path:
     """The ShapesWorld test split in `folder`, generated unless a split of the same parameters is there.
 
     Parameters left as None are those the shipped `shapes-tiny` models were trained with
@@ -228,12 +230,13 @@ def shapesworld_test_split(folder: str | Path, *, seed: int | None = None, num_i
 
     folder = Path(folder)
     info = folder / "info.json"
-    shipped = TRAIN_PRESETS["shapes-tiny"]["shapesworld"]
-    given = dict(seed=seed, num_images=num_images, num_videos=num_videos)
-    wanted = {k: shipped[k] if v is None else v for k, v in given.items()}
+    given = dict(seed=seed, num_images=num_images, num_videos=num_videos, image_choice=image_choice)
+    wanted = dict(TRAIN_PRESETS["shapes-tiny"]["shapesworld"], **{k: v for k, v in given.items() if v is not None})
     if info.exists() and (folder / "test.json").exists():
         existing = json.loads(info.read_text())
-        if all(existing.get(k) == v for k, v in wanted.items()):
+        defaults = {k: p.default for k, p in inspect.signature(generate_shapesworld).parameters.items()}
+        if existing.get("version") == SHAPESWORLD_VERSION and all(
+                existing.get(k, defaults.get(k)) == v for k, v in wanted.items()):
             return folder / "test.json"
     return generate_shapesworld(folder, **wanted)["test"]
 
