@@ -1,8 +1,10 @@
-"""Linear probes of a model's frozen vision encoder on ShapesWorld objects, as JSON.
+"""Linear probes of a model's object features (vision encoder or object tokens) on ShapesWorld objects, as JSON.
 
-    python benchmarks/vision_probe.py --model shapes-tiny [--encoder PATH.safetensors] [--data runs/eval-shapesworld]
+    python benchmarks/vision_probe.py --model shapes-tiny [--stage encoder|tokens] [--encoder PATH.safetensors]
+        [--data runs/eval-shapesworld]
 
-Object features are the mean of each object's foreground crop cells (what stage 0 trains); the probe is fitted
+Object features are the mean of each object's foreground crop cells (`--stage encoder`, what stage 0 trains) or
+of its object tokens after the object MLP (`--stage tokens`, what the LLM reads); the probe is fitted
 on the first `--train-records` labelled train records and scored on the labelled val records
 (`pixelrefer.analysis.probe`); `variance_share` is the share of the val features' variance an attribute's
 class means explain. `--encoder` scores a stage-0 encoder file (`<output_dir>/vision_pretrain/
@@ -20,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 import pixelrefer
-from pixelrefer.analysis.probe import linear_probe, object_features, variance_share
+from pixelrefer.analysis.probe import STAGES, linear_probe, object_features, variance_share
 from pixelrefer.data import load_annotations
 from pixelrefer.evaluation.runners import shapesworld_test_split
 
@@ -29,6 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="shapes-tiny")
     parser.add_argument("--encoder", default=None, help="a vision_encoder.safetensors to load into the model")
+    parser.add_argument("--stage", default="encoder", choices=STAGES, help="where to read object features")
     parser.add_argument("--data", default="runs/eval-shapesworld", help="folder for the generated splits")
     parser.add_argument("--train-records", type=int, default=1200)
     parser.add_argument("--threads", type=int, default=None)
@@ -42,8 +45,9 @@ def main() -> None:
     train = [s for s in load_annotations(root / "train.json", root) if s.task == "category"][: args.train_records]
     val = [s for s in load_annotations(root / "val.json", root) if s.task == "category"]
     started = time.perf_counter()
-    fitted, scored = object_features(model, processor, train), object_features(model, processor, val)
-    report = {"model": args.model, "encoder": args.encoder, "train_objects": len(fitted[1]),
+    fitted = object_features(model, processor, train, stage=args.stage)
+    scored = object_features(model, processor, val, stage=args.stage)
+    report = {"model": args.model, "encoder": args.encoder, "stage": args.stage, "train_objects": len(fitted[1]),
               "val_objects": len(scored[1])}
     for attribute in ("category", "colour"):
         report[attribute] = dataclasses.asdict(linear_probe(fitted, scored, attribute))

@@ -47,6 +47,31 @@ def test_object_features_give_one_row_per_labelled_object(tmp_path):
         object_features(model, processor, [])
 
 
+@pytest.mark.parametrize("framework", ["vision_object", "object_only"])
+def test_object_token_features_are_each_objects_mean_token_in_order(tmp_path, framework):
+    """Stage "tokens": one row per object, the mean of its valid object tokens (what the LLM reads), the same
+    in a batch as record by record."""
+    from pixelrefer.data import generate_shapesworld, load_annotations
+
+    paths = generate_shapesworld(tmp_path, seed=3, num_images=4, num_videos=0, splits=(1.0, 0.0, 0.0))
+    records = [s for s in load_annotations(paths["train"], tmp_path) if s.task == "category"]
+    model, processor = build(framework)
+    batched, labels = object_features(model, processor, records, batch_size=4, stage="tokens")
+    assert batched.shape == (sum(len(r.masks) for r in records), model.config.text_config.hidden_size)
+    assert len(labels) == batched.shape[0]
+    _, image, _, masks = records[0].load_media()
+    encoded = processor(text=[[{"role": "user", "content": "<image>\n" + "<region>" * len(masks)}]],
+                        images=[image], masks=[masks])
+    with torch.no_grad():
+        out = model.get_object_features(**{k: v for k, v in encoded.items() if k.startswith("region_")})
+    expected = torch.stack([t[v].mean(0) for t, v in zip(out.tokens, out.valid)])
+    torch.testing.assert_close(batched[: len(masks)], expected, rtol=1e-4, atol=1e-5)
+    one_by_one = torch.cat([object_features(model, processor, [r], stage="tokens")[0] for r in records])
+    torch.testing.assert_close(batched, one_by_one, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="stage must be one of"):
+        object_features(model, processor, records, stage="llm")
+
+
 def test_variance_share_is_the_part_of_the_variance_the_class_means_explain():
     from pixelrefer.analysis.probe import variance_share
 

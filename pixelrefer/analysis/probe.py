@@ -1,14 +1,17 @@
-"""Linear probes of a frozen vision encoder: how well its object features name category and colour.
+"""Linear probes of a model's object features: how well they name category and colour, and how loudly.
 
 Notable:
-- An object's feature is the mean of its foreground crop cells
-  (`pixelrefer.training.pooled_object_features`), the quantity stage 0 trains
-  on; the probe is one linear layer on standardised features, fitted with
-  full-batch Adam on one set of records and scored on another.
+- Two places to read: stage "encoder", the mean of an object's foreground
+  crop cells (`pixelrefer.training.pooled_object_features`), the quantity
+  stage 0 trains on; stage "tokens", the mean of its object tokens after the
+  object MLP (after OCI in Lite), what the LLM reads. Comparing the two shows
+  where a signal gets quiet. The probe is one linear layer on standardised
+  features, fitted with full-batch Adam on one set of records and scored on
+  another.
 - Accuracy is per object, overall and per ShapesWorld size (tiny, small,
   medium, large; objects without a size, such as composites, count as
-  "unsized"). It measures what the encoder makes linearly readable, not what
-  the LLM reads: the object tokenizer's k-means tokens and the LLM can do better.
+  "unsized"). It measures what is linearly readable, not what the LLM reads:
+  standardising hides how quiet a signal is, which `variance_share` shows.
 - `variance_share` is the fraction of the features' total variance that an
   attribute's class means explain (R²): linear readability says a signal is
   there, its share says how loud it is next to the others.
@@ -34,18 +37,43 @@ class ProbeResult:
     classes: int
 
 
+STAGES = ("encoder", "tokens")
+
+
+def object_token_means(model, processor, samples: Sequence) -> torch.Tensor:
+    """(objects, D) mean of each object's valid object tokens, object after object of `samples` (image
+    records): the object MLP's output (after OCI in Lite), which is what the LLM reads."""
+    device = next(model.parameters()).device
+    loaded = [sample.load_media() for sample in samples]
+    prompts = [[{"role": "user", "content": "<image>\n" + "<region>" * len(masks)}] for _, _, _, masks in loaded]
+    encoded = processor(text=prompts, images=[image for _, image, _, _ in loaded],
+                        masks=[masks for _, _, _, masks in loaded])
+    regions = {k: v.to(device) for k, v in encoded.items() if k.startswith("region_") and torch.is_tensor(v)}
+    out = model.get_object_features(**regions)
+    valid = out.valid.to(out.tokens.dtype)[..., None]
+    return ((out.tokens * valid).sum(1) / valid.sum(1).clamp(min=1)).float()
+
+
 @torch.no_grad()
-def object_features(model, processor, samples: Sequence, *, batch_size: int = 16) -> tuple[torch.Tensor, list[dict]]:
-    """Mean foreground features (objects, C) of every labelled image record, and each object's labels."""
+def object_features(model, processor, samples: Sequence, *, batch_size: int = 16, stage: str = "encoder"
+                    ) -> tuple[torch.Tensor, list[dict]]:
+    """Per-object features of every labelled image record, and each object's labels.
+
+    `stage`: "encoder", the mean foreground crop-cell features of the vision encoder (C wide: what stage 0
+    trains); "tokens", the mean of the object's tokens after the object MLP (D wide: what the LLM reads).
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     chosen, _ = labelled_objects(samples)
     if not chosen:
         raise ValueError("no image record whose objects carry categories (ShapesWorld `objects` labels)")
+    pool = pooled_object_features if stage == "encoder" else object_token_means
     was_training = model.training
     model.eval()
     features, labels = [], []
     for start in range(0, len(chosen), batch_size):
         items = [samples[i] for i in chosen[start : start + batch_size]]
-        features.append(pooled_object_features(model, processor, items).cpu())
+        features.append(pool(model, processor, items).cpu())
         labels += [o for item in items for o in item.meta["objects"]]
     model.train(was_training)
     return torch.cat(features), labels
