@@ -4,7 +4,8 @@ Notable:
 - `TrainConfig` is a plain dataclass, saved as JSON next to every checkpoint.
 - Per-module learning rates (paper §6.1): Stage 1 — LLM 1e-5, projector 1e-5,
   object encoder 1e-3; Stage 2 — everything 1e-5; the vision encoder is frozen
-  (its parameters are not given to the optimizer at all).
+  (its parameters are not given to the optimizer at all) unless the model
+  unfreezes it (`freeze_vision_encoder=False`) and `lr_vision_encoder` is set.
 - The loss of an optimizer step is the mean over every supervised token of the
   global batch (all micro-batches, all processes): each micro-batch's summed
   loss is divided by the step's global token count, so gradient accumulation

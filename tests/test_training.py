@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from pixelrefer import InputError
 from pixelrefer.demo import demo_scene
@@ -160,14 +161,21 @@ def test_presets_and_the_train_command_generate_shapesworld_and_train(tmp_path, 
         preset_config("shapes-huge")
     assert preset_config("shapes-tiny").vision_pretrain_steps > 0, "the embedded recipe starts with stage 0"
     out = tmp_path / "cli"
+    # here the encoder stage 0 made keeps training in the main stage, on data with image multiple choice
+    overrides = dict(tiny_overrides(), freeze_vision_encoder=False)
     code = main(["train", "--preset", "shapes-tiny-lite", "--set", f"output_dir={out}", "--set", "steps=2",
-                 "--set", "vision_pretrain_steps=2",
-                 "--set", "batch_size=2", "--set", 'shapesworld={"seed": 1, "num_images": 6, "num_videos": 2}',
-                 "--set", f"model_overrides={json.dumps(tiny_overrides())}"])
+                 "--set", "vision_pretrain_steps=2", "--set", "lr_vision_encoder=2e-4", "--set", "batch_size=2",
+                 "--set", 'shapesworld={"seed": 1, "num_images": 6, "num_videos": 2, "image_choice": true}',
+                 "--set", f"model_overrides={json.dumps(overrides)}"])
     assert code == 0 and "2 steps" in capsys.readouterr().out
-    assert (out / "shapesworld" / "train.json").exists()
+    assert '"task": "image_choice"' in (out / "shapesworld" / "train.json").read_text()
     assert len(json.loads((out / "final" / "loss_history.json").read_text())) == 2
     assert len(json.loads((out / "vision_pretrain" / "loss_history.json").read_text())) == 2
+    after_stage_0 = load_file(out / "vision_pretrain" / "vision_encoder.safetensors")
+    final = load_file(out / "final" / "model.safetensors")
+    moved = [name for name, tensor in after_stage_0.items()
+             if not torch.equal(tensor, final[f"model.vision_model.{name}"])]
+    assert len(moved) > len(after_stage_0) // 2
 
 
 def test_resume_refuses_a_checkpoint_of_a_different_model_shape(tmp_path):

@@ -176,18 +176,18 @@ def shapesworld_splits(root: Path, settings: AblationSettings) -> dict[str, Path
 
 def variant_config(variant: Variant, settings: AblationSettings, train_data: Path, output_dir: Path) -> TrainConfig:
     base = preset_config(settings.preset)
-    encoder, vision = settings.vision_encoder, {}
+    encoder = settings.vision_encoder
     if encoder == "embedded":
         encoder = "shapes-tiny" if variant.framework == "vision_object" else "shapes-tiny-lite"
-    if encoder is None:  # a random encoder, trained along with the rest
-        vision = dict(freeze_vision_encoder=False)
+    # Variants share one frozen encoder, as the paper's share SigLIP; a random one trains along with the rest.
+    vision = dict(freeze_vision_encoder=encoder is not None)
     return dataclasses.replace(
         base,
         framework=variant.framework,
         model_overrides={**base.model_overrides, **variant.overrides, **vision},
         vision_pretrain_steps=0,
         vision_encoder_from=encoder,
-        lr_vision_encoder=base.lr_vision_encoder or (3e-4 if encoder is None else None),
+        lr_vision_encoder=3e-4 if encoder is None else None,
         train_data=str(train_data),
         media_root=str(train_data.parent),
         shapesworld=None,
