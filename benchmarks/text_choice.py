@@ -1,0 +1,107 @@
+"""How fast the tiny LLM learns VideoRefer-Bench-Q's option-letter answers from text alone, as JSON.
+
+    python benchmarks/text_choice.py [--layers 4] [--steps 2000] [--batch-size 16] [--every 250]
+
+The embedded models answer multiple choice at chance: their option text is often right and the letter wrong.
+This isolates the letter step. A fresh `tiny`-preset Qwen2 (random weights, the ShapesWorld tokenizer) trains on
+text-only questions whose answer is written in the prompt ("it is green. What is the colour of it?",
+four lettered colour options, the Bench-Q instruction), loss on the answer only, AdamW 1e-3 with the recipe's
+cosine schedule. Every `--every` steps it reports the greedy letter accuracy on 256 fixed held-out questions
+(chance 25 %). Prints one JSON document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import numpy as np
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM, get_cosine_schedule_with_warmup
+
+from pixelrefer.data import shapesworld_vocabulary
+from pixelrefer.data.formats import bench_q_prompt
+from pixelrefer.data.scenes import COLOURS
+from pixelrefer.presets import preset_kwargs
+from pixelrefer.tokenizer import build_tokenizer
+
+LETTERS = "ABCD"
+
+
+def question(rng: np.random.Generator) -> tuple[str, str]:
+    options = [str(c) for c in rng.choice(list(COLOURS), len(LETTERS), replace=False)]
+    target = options[int(rng.integers(len(options)))]
+    lettered = [f"({letter}) {text}" for letter, text in zip(LETTERS, options)]
+    prompt = bench_q_prompt(f"it is {target} . What is the colour of it ?", lettered)
+    return f"user : {prompt}\nassistant : ", lettered[options.index(target)]
+
+
+def encode(tokenizer, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    rows = []
+    for prompt, answer in pairs:
+        asked, answered = tokenizer(prompt)["input_ids"], tokenizer(answer)["input_ids"] + [end]
+        rows.append((asked + answered, [-100] * len(asked) + answered))
+    width = max(len(ids) for ids, _ in rows)
+    pad = tokenizer.pad_token_id
+    return dict(
+        input_ids=torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows]),
+        labels=torch.tensor([labels + [-100] * (width - len(labels)) for _, labels in rows]),
+        attention_mask=torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows]),
+    )
+
+
+@torch.no_grad()
+def letter_accuracy(model, tokenizer, held_out: list[tuple[str, str]]) -> float:
+    """Greedy: the token after "(" must be the answer's letter."""
+    model.eval()
+    right = 0
+    for prompt, answer in held_out:
+        ids = torch.tensor([tokenizer(prompt)["input_ids"] + tokenizer("(")["input_ids"]])
+        right += tokenizer.convert_ids_to_tokens(int(model(ids).logits[0, -1].argmax())) == answer[1]
+    model.train()
+    return right / len(held_out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=None, help="LLM depth (default: the tiny preset's)")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--every", type=int, default=250)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    tokenizer = build_tokenizer(shapesworld_vocabulary())
+    text = {k: v for k, v in preset_kwargs("tiny")["text_config"].items() if k != "model_type"}
+    if args.layers:
+        text["num_hidden_layers"] = args.layers
+    model = Qwen2ForCausalLM(Qwen2Config(**text))
+    rng, held_out_rng = np.random.default_rng(args.seed), np.random.default_rng(10_000 + args.seed)
+    held_out = [question(held_out_rng) for _ in range(256)]
+    if tokenizer.unk_token_id in encode(tokenizer, held_out)["input_ids"]:
+        raise ValueError("a question has a word outside the ShapesWorld vocabulary")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(0.03 * args.steps), args.steps)
+    curve, started = [], time.perf_counter()
+    for step in range(1, args.steps + 1):
+        loss = model(**encode(tokenizer, [question(rng) for _ in range(args.batch_size)])).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        if step % args.every == 0 or step == args.steps:
+            curve.append(dict(step=step, loss=round(loss.item(), 4),
+                              letter_accuracy=letter_accuracy(model, tokenizer, held_out)))
+    print(json.dumps(dict(layers=text["num_hidden_layers"], hidden_size=text["hidden_size"], steps=args.steps,
+                          batch_size=args.batch_size, curve=curve,
+                          seconds=round(time.perf_counter() - started, 1)), indent=1))
+
+
+if __name__ == "__main__":
+    main()
