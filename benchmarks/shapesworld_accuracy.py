@@ -1,6 +1,7 @@
 """Held-out ShapesWorld accuracy of a model, as JSON: the numbers of the README's embedded-model table.
 
     python benchmarks/shapesworld_accuracy.py --model shapes-tiny [--data runs/eval-shapesworld] [--threads 1]
+        [--device cuda]
 
 - category: exact match of one single-object category question per object of every test `category`
   record, overall and for small (tiny, small) / large regions;
@@ -8,7 +9,9 @@
   (detailed captions left out: exact match says nothing about a 40-word caption);
 - multiple_choice: option-letter accuracy per VideoRefer-Bench-Q type (videos); image_choice: the same on the
   images' lettered colour / shape questions (first question of each record);
-- short_caption_metrics: BLEU / ROUGE-L / CIDEr of the short captions (METEOR off: Java start-up).
+- short_caption_metrics: BLEU / ROUGE-L / CIDEr of the short captions (METEOR off: Java start-up);
+  short_caption_words: how often a short caption names its object's colour and its category (the one colour /
+  category word of the reference, and no other one).
 
 The test split is the one the shipped models were trained beside (`shapesworld_test_split` defaults).
 """
@@ -26,6 +29,8 @@ import pixelrefer
 from pixelrefer.analysis.ablations import category_accuracy
 from pixelrefer.data import load_annotations
 from pixelrefer.data.sample import SampleInputs
+from pixelrefer.data.scenes import COLOURS
+from pixelrefer.data.tasks import SHAPE_NAMES
 from pixelrefer.evaluation.captions import caption_scores
 from pixelrefer.evaluation.category import exact_match
 from pixelrefer.evaluation.choice import choice_scores, score_item
@@ -40,18 +45,28 @@ def first_question(sample) -> tuple[SampleInputs, str]:
     return SampleInputs(text[:k], image, video, masks[:used]), text[k]["content"]
 
 
+def named_words(predictions: list[str], references: list[str], vocabulary) -> float:
+    """Fraction of predictions whose words hold the reference's one word of `vocabulary` and no other of it."""
+    vocabulary, right = set(vocabulary), 0
+    for prediction, reference in zip(predictions, references, strict=True):
+        wanted = set(reference.lower().split()) & vocabulary
+        right += len(wanted) == 1 and set(prediction.lower().split()) & vocabulary == wanted
+    return right / max(len(predictions), 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="shapes-tiny")
     parser.add_argument("--data", default="runs/eval-shapesworld", help="folder for the generated test split")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="where the model runs (cuda on a GPU machine)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-videos", type=int, default=None, help="the test split of another video count")
     parser.add_argument("--image-choice", action="store_true", help="a split with image multiple choice")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, processor = pixelrefer.load(args.model)
+    model, processor = pixelrefer.load(args.model, device=args.device)
     test_file = shapesworld_test_split(args.data, num_videos=args.num_videos, image_choice=args.image_choice or None)
     test = load_annotations(test_file, test_file.parent)
     started = time.perf_counter()
@@ -79,6 +94,8 @@ def main() -> None:
         result[task] = {"accuracy": scores.overall, "per_type": scores.per_type, "questions": scores.count}
     metrics = caption_scores(captions[0], captions[1], meteor=False)
     result["short_caption_metrics"] = {k: v for k, v in vars(metrics).items() if isinstance(v, float)}
+    result["short_caption_words"] = {"colour": named_words(*captions, COLOURS),
+                                     "category": named_words(*captions, SHAPE_NAMES), "captions": len(captions[0])}
     result["seconds"] = time.perf_counter() - started
     print(json.dumps(result, indent=1))
 

@@ -1,6 +1,7 @@
 """How fast the tiny LLM learns VideoRefer-Bench-Q's option-letter answers from text alone, as JSON.
 
     python benchmarks/text_choice.py [--layers 4] [--steps 2000] [--batch-size 16] [--every 250]
+    python benchmarks/text_choice.py --model shapes-tiny|CHECKPOINT [--questions 50]
 
 The embedded models answer multiple choice at chance: their option text is often right and the letter wrong.
 This isolates the letter step. A fresh `tiny`-preset Qwen2 (random weights, the ShapesWorld tokenizer) trains on
@@ -8,6 +9,11 @@ text-only questions whose answer is written in the prompt ("it is green. What is
 four lettered colour options, the Bench-Q instruction), loss on the answer only, AdamW 1e-3 with the recipe's
 cosine schedule. Every `--every` steps it reports the greedy letter accuracy on 256 fixed held-out questions
 (chance 25 %). Prints one JSON document.
+
+With `--model`, it trains nothing: it asks an embedded model or checkpoint `--questions` held-out text-only
+questions of each kind of the LLM stage (`pixelrefer.data.text_tasks`: colour, shape, sequential, relationship,
+reasoning, future; the answer is stated in the prompt) and reports its letter accuracy per kind and the share of
+each predicted letter: whether a model still answers lettered questions when nothing has to be seen.
 """
 
 from __future__ import annotations
@@ -65,6 +71,34 @@ def letter_accuracy(model, tokenizer, held_out: list[tuple[str, str]]) -> float:
     return right / len(held_out)
 
 
+def model_letter_accuracy(name: str, questions: int, seed: int) -> dict:
+    """Letter accuracy of model `name` on `questions` text-only lettered questions per kind (greedy)."""
+    from collections import Counter
+
+    import pixelrefer
+    from pixelrefer.data.sample import SampleInputs
+    from pixelrefer.data.text_tasks import KINDS, text_choice
+    from pixelrefer.evaluation.choice import predicted_letter, reference_letter
+    from pixelrefer.evaluation.models import PixelReferModel
+
+    model, processor = pixelrefer.load(name)
+    answer = PixelReferModel(model, processor, max_new_tokens=12)
+    rng = np.random.default_rng(20_000 + seed)
+    per_kind, letters = {}, Counter()
+    for kind in KINDS:
+        asked = [text_choice(rng, kind) for _ in range(questions)]
+        predictions = answer([SampleInputs(turns[:1], None, None, []) for turns in asked])
+        right = 0
+        for turns, prediction in zip(asked, predictions):
+            letter = predicted_letter(prediction)
+            letters[letter or "none"] += 1
+            right += letter == reference_letter(turns[1]["content"])
+        per_kind[kind] = right / questions
+    total = sum(letters.values())
+    return dict(model=name, questions_per_kind=questions, accuracy=sum(per_kind.values()) / len(per_kind),
+                per_kind=per_kind, predicted_letters={k: v / total for k, v in sorted(letters.items())})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=None, help="LLM depth (default: the tiny preset's)")
@@ -73,8 +107,13 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", help="measure this embedded model or checkpoint instead of training one")
+    parser.add_argument("--questions", type=int, default=50, help="with --model: questions per kind")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.model:
+        print(json.dumps(model_letter_accuracy(args.model, args.questions, args.seed), indent=1))
+        return
     torch.manual_seed(args.seed)
     tokenizer = build_tokenizer(shapesworld_vocabulary())
     text = {k: v for k, v in preset_kwargs("tiny")["text_config"].items() if k != "model_type"}

@@ -12,7 +12,10 @@ Notable:
   and data parallelism give the same gradient as one big batch.
 - Data order is a pure function of (seed, epoch): step s always sees the same
   samples, so a resumed run continues exactly (bit-identical losses in float32
-  on CPU). Checkpoints hold model, optimizer, scheduler, step, loss history
+  on CPU). Epochs run over a pool where each record appears `task_weights[task]`
+  times (default once), plus `text_choice_records` text-only lettered questions.
+  With `num_workers`, DataLoader processes encode the next steps' batches while
+  the model trains on this one (same batches, same order: tested). Checkpoints hold model, optimizer, scheduler, step, loss history
   and RNG states, written to a temporary folder and renamed into place.
 - A bad record stops training with its file and index, unless `skip_bad` is
   set, in which case it is skipped and counted.
@@ -25,12 +28,18 @@ Notable:
   same crops the object tokenizer sees. It runs on the main process, is saved atomically to
   `vision_pretrain/`, loaded by the other processes and by a resumed run, and
   leaves the global RNG state untouched, so resumes stay exact.
+- LLM stage (`llm_pretrain_steps`, tiny models only), after stage 0: the paper starts from an instruction-tuned
+  Qwen2.5 that already answers lettered questions with "(B) ..."; a tiny LLM from random weights learns the
+  option text from multimodal records but not the letter. This stage trains the LLM alone on text-only
+  lettered questions in ShapesWorld's words (`pixelrefer.data.text_tasks`), saved to `llm_pretrain/` and
+  reused like stage 0.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -40,7 +49,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -58,6 +67,8 @@ STAGE_LEARNING_RATES = {
 }
 CHECKPOINTS = "checkpoints"
 VISION_PRETRAIN = "vision_pretrain"
+LLM_PRETRAIN = "llm_pretrain"
+LLM_PREFIXES = ("model.language_model.", "lm_head.")
 
 
 @dataclass
@@ -89,11 +100,16 @@ class TrainConfig:
     mixed_precision: str = "no"  # "bf16" on GPUs
     gradient_checkpointing: bool = False
     save_every: int = 50
+    num_workers: int = 0  # processes encoding the next steps' batches ahead of the GPU; 0 encodes in the loop
     seed: int = 0
     skip_bad: bool = False
     vision_pretrain_steps: int = 0  # stage 0 (see the module docstring); 0 skips it
     vision_pretrain_lr: float = 3e-3
     vision_encoder_from: str | None = None  # embedded model or checkpoint whose vision encoder to start from
+    llm_pretrain_steps: int = 0  # LLM stage on text-only lettered questions (see the module docstring); 0 skips it
+    llm_pretrain_lr: float = 1e-3
+    task_weights: dict = field(default_factory=dict)  # task → how many times each of its records is in the pool
+    text_choice_records: int = 0  # text-only lettered questions added to the main stage's records
 
     def learning_rates(self) -> dict[str, float]:
         if self.stage not in STAGE_LEARNING_RATES:
@@ -202,6 +218,22 @@ def step_indices(step: int, num_samples: int, seed: int, per_step: int) -> list[
         order = epoch_order(num_samples, seed, epoch)
         indices.extend(order[offset : offset + per_step - len(indices)])
     return indices
+
+
+def weighted_pool(samples: Sequence, task_weights: dict[str, int]) -> list[int]:
+    """Sample indices, each repeated by its task's weight (default 1): what the epochs of `step_indices` run over.
+    Raises on a weight that is not a positive integer or a task no sample has."""
+    if not task_weights:
+        return list(range(len(samples)))
+    tasks = [getattr(sample, "task", None) for sample in samples]
+    unknown = sorted(set(task_weights) - set(tasks))
+    if unknown:
+        raise ValueError(f"task_weights names tasks no training record has: {unknown}; "
+                         f"the records' tasks are {sorted({t for t in tasks if t})}")
+    for task, weight in task_weights.items():
+        if not isinstance(weight, int) or isinstance(weight, bool) or weight < 1:
+            raise ValueError(f"task_weights[{task!r}] must be a positive integer (repeats), got {weight!r}")
+    return [i for i, task in enumerate(tasks) for _ in range(task_weights.get(task, 1))]
 
 
 def _accelerator(mixed_precision: str) -> Accelerator:
@@ -320,6 +352,38 @@ def pretrain_vision_encoder(model, processor: PixelReferProcessor, samples: Sequ
     return losses
 
 
+def pretrain_language_model(model, processor: PixelReferProcessor, *, steps: int, lr: float, batch_size: int,
+                            seed: int = 0, warmup_ratio: float = 0.03,
+                            autocast: Callable = contextlib.nullcontext) -> list[float]:
+    """LLM stage: train `model`'s LLM (embeddings, layers, head) on text-only lettered questions.
+
+    Each step draws `batch_size` conversations from `pixelrefer.data.text_tasks.text_choice` (seeded by
+    `seed`, its own generator), encodes them with the processor (no image, no region) and minimises the
+    model's loss on the answers. AdamW, cosine schedule with warm-up, gradient norm clipped at 1; only the
+    LLM's parameters are given to the optimizer. Returns the per-step losses.
+    """
+    from pixelrefer.data.text_tasks import text_choice
+
+    device = next(model.parameters()).device
+    rng = np.random.default_rng(seed)
+    parameters = [p for n, p in model.named_parameters() if n.startswith(LLM_PREFIXES)]
+    optimizer = torch.optim.AdamW(parameters, lr=lr)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * steps), steps)
+    losses = []
+    model.train()
+    for _ in tqdm(range(steps), desc="LLM stage: lettered questions"):
+        batch = processor(text=[text_choice(rng) for _ in range(batch_size)]).to(device)
+        with autocast():
+            loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+    return losses
+
+
 class Trainer:
     """Runs `TrainConfig` on `samples` (objects with `load_media()`, e.g. `pixelrefer.data.Sample`)."""
 
@@ -327,7 +391,12 @@ class Trainer:
         if not samples:
             raise ValueError("no training samples")
         self.config = config
+        if config.text_choice_records:
+            from pixelrefer.data.text_tasks import text_choice_records
+
+            samples = list(samples) + text_choice_records(config.text_choice_records, config.seed)
         self.samples = samples
+        self.pool = weighted_pool(samples, config.task_weights)
         self.accelerator = accelerator or _accelerator(config.mixed_precision)
         self.output = Path(config.output_dir)
         overrides = {"framework": config.framework, **config.model_overrides}
@@ -360,23 +429,24 @@ class Trainer:
     def micro_batches(self, step: int) -> list[list[int]]:
         """This process's micro-batches of `step`: slices of the step's global batch."""
         cfg, acc = self.config, self.accelerator
-        indices = step_indices(step, len(self.samples), cfg.seed, self.per_step)
+        indices = [self.pool[i] for i in step_indices(step, len(self.pool), cfg.seed, self.per_step)]
         batches = []
         for micro in range(cfg.grad_accum):
             start = (micro * acc.num_processes + acc.process_index) * cfg.batch_size
             batches.append(indices[start : start + cfg.batch_size])
         return batches
 
-    def encode(self, indices: list[int]):
-        """Load and encode samples as one batch; a bad record raises naming it, or is skipped with `skip_bad`."""
-        loaded = []
+    def encode(self, indices: list[int]) -> tuple:
+        """Load and encode samples as one batch, and list the records skipped. A bad record raises naming it,
+        or is skipped (listed as "where: why") with `skip_bad`."""
+        loaded, skipped = [], []
         for i in indices:
             try:
                 loaded.append((i, self.samples[i].load_media()))
             except (InputError, OSError) as error:
-                self._bad(i, error)
+                skipped.append(self._bad(i, error))
         try:
-            return self._encode_batch([item for _, item in loaded])
+            return self._encode_batch([item for _, item in loaded]), skipped
         except InputError:
             good = []
             for i, item in loaded:  # find the culprit: the batch error names only its position
@@ -384,8 +454,13 @@ class Trainer:
                     self._encode_batch([item])
                     good.append(item)
                 except InputError as error:
-                    self._bad(i, error)
-            return self._encode_batch(good)
+                    skipped.append(self._bad(i, error))
+            return self._encode_batch(good), skipped
+
+    def step_batches(self, step: int) -> tuple[list, list[str]]:
+        """This process's encoded micro-batches of `step` and the records skipped while encoding them."""
+        encoded = [self.encode(ids) for ids in self.micro_batches(step)]
+        return [batch for batch, _ in encoded], [where for _, skipped in encoded for where in skipped]
 
     def _encode_batch(self, items):
         if not items:
@@ -393,17 +468,30 @@ class Trainer:
         text, images, videos, masks = (list(column) for column in zip(*items))
         return self.processor(text=text, images=images, videos=videos, masks=masks)
 
-    def _bad(self, index: int, error: Exception) -> None:
+    def _bad(self, index: int, error: Exception) -> str:
         where = getattr(self.samples[index], "where", f"sample {index}")
         if not self.config.skip_bad:
             raise InputError(f"bad training record {where}: {error} (set skip_bad to skip such records)") from error
-        self.skipped.append(f"{where}: {error}")
+        return f"{where}: {error}"
+
+    def _prepared_steps(self, first: int) -> Iterator[tuple[list, list[str]]]:
+        """`step_batches` of steps first, first+1, …: in the loop, or `num_workers` processes ahead of it.
+        Batches are a function of the step alone, so both give the same data in the same order."""
+        workers = self.config.num_workers
+        if not workers:
+            return (self.step_batches(step) for step in range(first, self.config.steps))
+        loader = torch.utils.data.DataLoader(
+            _Steps(self, first), batch_size=None, num_workers=workers, collate_fn=_keep, prefetch_factor=2,
+            multiprocessing_context="fork")  # the workers share the trainer's samples and processor
+        return iter(loader)
 
     # ------------------------------------------------------------------ loop
-    def train_step(self) -> float:
-        """One optimizer step over the global batch; returns the global token-mean loss."""
+    def train_step(self, prepared: tuple[list, list[str]] | None = None) -> float:
+        """One optimizer step over the global batch (`prepared`: its `step_batches`, encoded ahead);
+        returns the global token-mean loss."""
         acc = self.accelerator
-        batches = [self.encode(ids) for ids in self.micro_batches(self.step)]
+        batches, skipped = prepared if prepared is not None else self.step_batches(self.step)
+        self.skipped += skipped
         tokens = [int((b["labels"][:, 1:] != -100).sum()) if b is not None and "labels" in b else 0 for b in batches]
         total = acc.reduce(torch.tensor(float(sum(tokens)), device=acc.device), reduction="sum")
         if total.item() == 0:
@@ -434,13 +522,17 @@ class Trainer:
         """Train to `config.steps` (or stop after `stop_after` steps of this call), resuming if a checkpoint exists."""
         cfg, acc = self.config, self.accelerator
         started = time.perf_counter()
-        if not self.resume() and cfg.vision_pretrain_steps:
-            self.pretrain_vision()
+        if not self.resume():
+            if cfg.vision_pretrain_steps:
+                self.pretrain_vision()
+            if cfg.llm_pretrain_steps:
+                self.pretrain_llm()
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not acc.is_main_process, desc="train")
         done = 0
+        prepared = self._prepared_steps(self.step)
         while self.step < cfg.steps and (stop_after is None or done < stop_after):
             tick = time.perf_counter()
-            loss = self.train_step()
+            loss = self.train_step(next(prepared))
             self.losses.append(loss)
             done += 1
             rate = self.per_step / max(time.perf_counter() - tick, 1e-9)
@@ -458,33 +550,57 @@ class Trainer:
                 atomic_write_text(final / "loss_history.json", json.dumps(self.losses))
         return TrainResult(self.losses, final, self.skipped, time.perf_counter() - started)
 
-    # ------------------------------------------------------------ stage 0
+    # ------------------------------------------------------------ stage 0 and the LLM stage
     def pretrain_vision(self) -> list[float]:
         """Stage 0: fit the vision encoder to object categories (main process), then load it everywhere."""
+        cfg, acc = self.config, self.accelerator
+        model = acc.unwrap_model(self.model)
+        fit = functools.partial(
+            pretrain_vision_encoder, model, self.processor, self.samples, steps=cfg.vision_pretrain_steps,
+            lr=cfg.vision_pretrain_lr, batch_size=cfg.batch_size, seed=cfg.seed, warmup_ratio=cfg.warmup_ratio,
+            autocast=acc.autocast)
+        return self._saved_stage(VISION_PRETRAIN, "vision_encoder.safetensors", model.model.vision_model, fit)
+
+    def pretrain_llm(self) -> list[float]:
+        """LLM stage: fit the LLM to text-only lettered questions (main process), then load it everywhere."""
+        cfg, acc = self.config, self.accelerator
+        model = acc.unwrap_model(self.model)
+        fit = functools.partial(
+            pretrain_language_model, model, self.processor, steps=cfg.llm_pretrain_steps, lr=cfg.llm_pretrain_lr,
+            batch_size=cfg.batch_size, seed=cfg.seed, warmup_ratio=cfg.warmup_ratio, autocast=acc.autocast)
+        return self._saved_stage(LLM_PRETRAIN, "language_model.safetensors", model, fit, prefixes=LLM_PREFIXES)
+
+    def _saved_stage(self, name: str, filename: str, module: torch.nn.Module, fit: Callable[[], list[float]],
+                     prefixes: tuple[str, ...] = ("",)) -> list[float]:
+        """Run a pre-training stage once: `fit()` on the main process with the global RNG state put back after,
+        `module`'s parameters under `prefixes` saved atomically to `output_dir/name/filename` with the losses,
+        then loaded on every process. A folder already there (a resumed or copied run) is loaded, not refit."""
         from safetensors.torch import load_file, save_file
 
-        cfg, acc = self.config, self.accelerator
-        folder = self.output / VISION_PRETRAIN
-        weights = folder / "vision_encoder.safetensors"
-        vision = acc.unwrap_model(self.model).model.vision_model
+        acc = self.accelerator
+        folder = self.output / name
+        weights = folder / filename
         losses = []
         if not weights.exists() and acc.is_main_process:
             rng = _rng_state()
-            losses = pretrain_vision_encoder(
-                acc.unwrap_model(self.model), self.processor, self.samples, steps=cfg.vision_pretrain_steps,
-                lr=cfg.vision_pretrain_lr, batch_size=cfg.batch_size, seed=cfg.seed, warmup_ratio=cfg.warmup_ratio,
-                autocast=acc.autocast,
-            )
+            losses = fit()
             _set_rng_state(rng)
             tmp = folder.with_name(f".{folder.name}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            save_file({k: v.contiguous() for k, v in vision.state_dict().items()}, tmp / weights.name)
+            state = {k: v.detach().clone().contiguous()  # clone: tied weights cannot share storage in a file
+                     for k, v in module.state_dict().items() if k.startswith(prefixes)}
+            save_file(state, tmp / weights.name)
             atomic_write_text(tmp / "loss_history.json", json.dumps(losses))
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(tmp, folder)
         acc.wait_for_everyone()
-        vision.load_state_dict(load_file(weights))
+        state = load_file(weights)
+        wanted = {k for k in module.state_dict() if k.startswith(prefixes)}
+        if set(state) != wanted:
+            raise ValueError(f"{weights} does not match the model: missing {sorted(wanted - set(state))[:5]}, "
+                             f"unexpected {sorted(set(state) - wanted)[:5]}")
+        module.load_state_dict(state, strict=False)
         return losses
 
     # ------------------------------------------------------------ checkpoints
@@ -533,7 +649,8 @@ class Trainer:
         missing, unexpected = model.load_state_dict(state, strict=False)
         tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
         if set(missing) - tied or unexpected:
-            raise ValueError(f"{path}: checkpoint does not match the model (missing {missing}, unexpected {unexpected})")
+            raise ValueError(f"{path}: checkpoint does not match the model "
+                             f"(missing {missing}, unexpected {unexpected})")
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         trainer_state = json.loads((path / "trainer_state.json").read_text())
@@ -542,10 +659,27 @@ class Trainer:
         return True
 
 
+class _Steps(torch.utils.data.Dataset):
+    """Step numbers from `first` on → `Trainer.step_batches`, for the DataLoader's worker processes."""
+
+    def __init__(self, trainer: Trainer, first: int):
+        self.trainer, self.first = trainer, first
+
+    def __len__(self) -> int:
+        return self.trainer.config.steps - self.first
+
+    def __getitem__(self, index: int) -> tuple[list, list[str]]:
+        return self.trainer.step_batches(self.first + index)
+
+
+def _keep(item):
+    return item
+
+
 def _trajectory(config: TrainConfig) -> dict:
     """Fields that must agree for a resume to continue the same run."""
     fields = dataclasses.asdict(config)
-    for name in ("output_dir", "save_every", "steps"):
+    for name in ("output_dir", "save_every", "steps", "num_workers"):
         fields.pop(name)
     return fields
 

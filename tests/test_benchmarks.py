@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,3 +50,22 @@ def test_text_choice_runs_and_reports_a_learning_curve():
     report = json.loads(done.stdout)
     assert [point["step"] for point in report["curve"]] == [2, 4] and report["layers"] == 4
     assert all(0 <= point["letter_accuracy"] <= 1 for point in report["curve"])
+
+
+def test_text_choice_measures_a_model_per_question_kind():
+    from pixelrefer.data.text_tasks import KINDS
+
+    report = _script("text_choice").model_letter_accuracy("shapes-tiny", questions=3, seed=0)
+    assert set(report["per_kind"]) == set(KINDS) and all(v in (0, 1 / 3, 2 / 3, 1) for v in report["per_kind"].values())
+    assert abs(sum(report["predicted_letters"].values()) - 1) < 1e-9
+    assert report["accuracy"] == sum(report["per_kind"].values()) / len(KINDS)
+
+
+def test_shapesworld_accuracy_counts_named_colour_and_category_words():
+    named_words = _script("shapesworld_accuracy").named_words
+    references = ["a small red circle", "a big blue house", "a green star"]
+    predictions = ["a small red circle", "a big red house", "a green and red star"]
+    assert named_words(predictions, references, {"red", "blue", "green"}) == 1 / 3, "a second colour is wrong"
+    assert named_words(predictions, references, {"circle", "house", "star"}) == 1.0
+    with pytest.raises(ValueError):
+        named_words(predictions[:2], references, {"red"})

@@ -302,3 +302,85 @@ def test_vision_encoder_from_an_embedded_model(tmp_path):
     narrow = dict(tiny_overrides(), vision_config=dict(donor.config.vision_config.to_dict(), hidden_size=32))
     with pytest.raises(ValueError, match=r"vision encoder differs from the model's in \[.*hidden_size"):
         Trainer(config(tmp_path, "bad", vision_encoder_from="shapes-tiny", model_overrides=narrow), samples())
+
+
+def test_workers_encode_ahead_with_the_same_batches_and_skips(tmp_path):
+    data = samples() + [DemoSample("disc", 9, broken=True)]
+    inline = Trainer(config(tmp_path, "inline", batch_size=3, steps=4, skip_bad=True, save_every=100), data).run()
+    ahead = Trainer(config(tmp_path, "ahead", batch_size=3, steps=4, skip_bad=True, save_every=100, num_workers=2),
+                    data).run()
+    assert ahead.losses == inline.losses, "encoding in worker processes must not change the data or its order"
+    assert ahead.skipped == inline.skipped and any("demo:disc-9" in s for s in ahead.skipped)
+    with pytest.raises(InputError, match=r"bad training record demo:disc-9"):
+        Trainer(config(tmp_path, "strict-ahead", batch_size=7, steps=1, num_workers=1), data).run()
+
+
+def test_workers_do_not_change_the_trajectory_of_a_resume(tmp_path):
+    Trainer(config(tmp_path, "mixed"), samples()).run(stop_after=2)
+    resumed = Trainer(config(tmp_path, "mixed", num_workers=1), samples()).run()
+    straight = Trainer(config(tmp_path, "straight", save_every=100), samples()).run()
+    assert resumed.losses == straight.losses
+
+
+def test_llm_stage_trains_the_llm_alone_on_lettered_text_questions(tmp_path):
+    kwargs = dict(llm_pretrain_steps=30, llm_pretrain_lr=3e-3, batch_size=8, steps=1, save_every=100)
+    trainer = Trainer(config(tmp_path, "llm", **kwargs), samples())
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(321)
+    rng = torch.get_rng_state()
+    losses = trainer.pretrain_llm()
+    assert torch.equal(torch.get_rng_state(), rng), "the LLM stage must not move the global RNG (exact resumes)"
+    assert len(losses) == 30 and np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("model.language_model.", "lm_head.")) for k in changed), \
+        "only the LLM trains on text"
+    assert any(k.startswith("model.language_model.layers.") for k in changed)
+    if model.config.text_config.tie_word_embeddings:
+        assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
+    saved = tmp_path / "llm" / "llm_pretrain"
+    assert json.loads((saved / "loss_history.json").read_text()) == losses
+    again = Trainer(config(tmp_path, "llm", **kwargs), samples())
+    assert again.pretrain_llm() == [], "a finished LLM stage is loaded, not redone"
+    reloaded = again.accelerator.unwrap_model(again.model).state_dict()
+    assert all(torch.equal(after[k], reloaded[k]) for k in changed)
+    result = again.run()  # run() goes through both stages' folders, then trains
+    assert len(result.losses) == 1
+
+
+def test_llm_stage_refuses_weights_of_another_model(tmp_path):
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "other" / "llm_pretrain"
+    folder.mkdir(parents=True)
+    save_file({"lm_head.weight": torch.zeros(3, 3)}, folder / "language_model.safetensors")
+    trainer = Trainer(config(tmp_path, "other", llm_pretrain_steps=2, steps=1), samples())
+    with pytest.raises(ValueError, match="does not match the model"):
+        trainer.pretrain_llm()
+
+
+def test_task_weights_repeat_records_and_text_questions_join_the_pool(tmp_path):
+    from pixelrefer.data.text_tasks import TextChoiceRecord
+    from pixelrefer.training import weighted_pool
+
+    data = samples()
+    for sample, task in zip(data, ["a", "b", "a", "b", "a", "b"]):
+        sample.task = task
+    assert weighted_pool(data, {}) == list(range(6))
+    assert weighted_pool(data, {"b": 3}) == [0, 1, 1, 1, 2, 3, 3, 3, 4, 5, 5, 5]
+    with pytest.raises(ValueError, match=r"no training record has: \['c'\]"):
+        weighted_pool(data, {"c": 2})
+    with pytest.raises(ValueError, match="positive integer"):
+        weighted_pool(data, {"a": 0.5})
+    trainer = Trainer(config(tmp_path, "mix", text_choice_records=4, task_weights={"text_choice": 2}, batch_size=6,
+                             steps=2, save_every=100), data)
+    assert len(trainer.samples) == 10 and isinstance(trainer.samples[-1], TextChoiceRecord)
+    assert len(trainer.pool) == 14
+    seen = [trainer.pool[i] for step in range(3) for i in step_indices(step, 14, 0, 6)]
+    assert {i for i in seen if i >= 6} == {6, 7, 8, 9}
+    batches, skipped = trainer.step_batches(0)
+    assert not skipped and batches[0]["input_ids"].shape[0] == 6
+    assert len(trainer.run().losses) == 2, "image and text-only records train in one batch"
+    again = TextChoiceRecord(0, 3).load_media()
+    assert again == trainer.samples[9].load_media() and again[1:] == (None, None, [])

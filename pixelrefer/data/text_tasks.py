@@ -1,0 +1,109 @@
+"""Text-only lettered questions in ShapesWorld's words: the data of the LLM stage (`llm_pretrain_steps`).
+
+A real PixelRefer starts from an instruction-tuned LLM that already answers "(B) red" to a lettered question;
+the tiny model's LLM starts from random weights and, trained on multimodal records alone, learns the option
+text but not the letter (README, "Why multiple choice stays at chance"). These conversations teach the letter
+step from text, where it is cheap: a first user turn states what a few objects are and do, in ShapesWorld's
+words ("<object0> is a red circle . <object1> moves left and then disappears ."), then a question in the
+exact wording and option pools of a ShapesWorld multiple-choice type, about one of them, without `<region>`.
+The answer is the lettered option, as in VideoRefer-Bench-Q. Every word is in `shapesworld_vocabulary()`
+(tested), so the embedded tokenizer needs no new word.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pixelrefer.data import tasks
+from pixelrefer.data.formats import bench_q_prompt
+from pixelrefer.data.scenes import COLOURS
+
+KINDS = ("colour", "shape", "sequential", "relationship", "reasoning", "future")
+MOTIONS = tuple(tasks.MOTION_PHRASES)
+EVENTS = tuple(tasks.EVENT_PHRASES)
+
+
+def _question(template: str, k: int = 0) -> str:
+    return template.format(k=k).replace("<region>", "")
+
+
+def _fact(k: int, words: str) -> str:
+    return f"<object{k}> {words} ."
+
+
+def text_choice(rng: np.random.Generator, kind: str | None = None) -> list[dict[str, str]]:
+    """One conversation: facts about 1–3 objects and a lettered question of `kind` (random when None)."""
+    kind = kind or KINDS[int(rng.integers(len(KINDS)))]
+    count = int(rng.integers(1, 4)) if kind not in ("relationship", "reasoning") else 2
+    colours = [str(c) for c in rng.choice(list(COLOURS), count, replace=False)]
+    shapes = [str(s) for s in rng.choice(list(tasks.SHAPE_NAMES), count)]
+    motions = [MOTIONS[int(i)] for i in rng.integers(len(MOTIONS), size=count)]
+    events = [EVENTS[int(i)] for i in rng.integers(len(EVENTS), size=count)]
+    k = int(rng.integers(count))
+    facts = [_fact(i, f"is {tasks.article(shapes[i])} {colours[i]} {shapes[i]}") for i in range(count)]
+    if kind == "colour":
+        question, options = _question(tasks.CHOICE_COLOUR_Q, k), tasks._options(rng, colours[k], COLOURS)
+    elif kind == "shape":
+        question, options = _question(tasks.CHOICE_SHAPE_Q, k), tasks._options(rng, shapes[k], tasks.SHAPE_NAMES)
+    elif kind in ("sequential", "future"):
+        phrases = [tasks.EVENT_PHRASES[e].format(motion=tasks.MOTION_PHRASES[m]) for e, m in zip(events, motions)]
+        facts = [_fact(i, phrase) for i, phrase in enumerate(phrases)]
+        if kind == "sequential":
+            pool = [tasks.SEQUENTIAL_OPTION.format(phrase=tasks.EVENT_PHRASES[e].format(motion=m))
+                    for e in EVENTS for m in tasks.MOTION_PHRASES.values()]
+            correct = tasks.SEQUENTIAL_OPTION.format(phrase=phrases[k])
+            question = _question(tasks.SEQUENTIAL_Q.replace("<object0>", f"<object{k}>"))
+            options = tasks._options(rng, correct, pool)
+        else:
+            question = _question(tasks.FUTURE_Q.replace("<object0>", f"<object{k}>"))
+            options = tasks._options(rng, tasks.FUTURE_PHRASES[motions[k]], tasks.FUTURE_PHRASES.values())
+    elif kind == "relationship":
+        side = tuple(tasks.RELATIONS)[int(rng.integers(len(tasks.RELATIONS)))]
+        facts = [_fact(0, f"is {tasks.RELATIONS[side]} <object1>")]
+        texts = {s: f"{relation} <object1>" for s, relation in tasks.RELATIONS.items()}
+        question, options = _question(tasks.RELATIONSHIP_Q), tasks._options(rng, texts[side], texts.values())
+    elif kind == "reasoning":
+        index = int(rng.integers(len(tasks.SPEED_OPTIONS)))  # <object0>, <object1>, same speed, neither
+        correct = tasks.SPEED_OPTIONS[index]
+        moving = [tasks.MOTION_PHRASES[m] for m in rng.choice([m for m in MOTIONS if m != "still"], 2)]
+        if index == 3:
+            facts = [_fact(i, tasks.MOTION_PHRASES["still"]) for i in range(2)]
+        else:
+            facts = [_fact(i, "moves faster" if i == index else moving[i]) for i in range(2)]
+            facts += [f"{correct} ."] if index == 2 else []
+        question, options = _question(tasks.REASONING_Q), tasks._options(rng, correct, tasks.SPEED_OPTIONS)
+    else:
+        raise ValueError(f"unknown text question kind {kind!r}; known: {', '.join(KINDS)}")
+    choices, answer = options
+    order = rng.permutation(len(facts))
+    context = " ".join(facts[i] for i in order)
+    return [{"role": "user", "content": context + "\n" + bench_q_prompt(question, choices)},
+            {"role": "assistant", "content": answer}]
+
+
+@dataclass(frozen=True)
+class TextChoiceRecord:
+    """A text-only lettered question as a training record (`load_media()` like `pixelrefer.data.Sample`):
+    number `index` of the stream seeded by `seed`, the same conversation every time it is loaded."""
+
+    seed: int
+    index: int
+    task: str = "text_choice"
+    meta: dict = field(default_factory=dict, compare=False)
+    image = None
+    video = None
+    masks = ()
+
+    @property
+    def where(self) -> str:
+        return f"text_choice:{self.seed}:{self.index}"
+
+    def load_media(self):
+        return text_choice(np.random.default_rng([self.seed, self.index])), None, None, []
+
+
+def text_choice_records(count: int, seed: int = 0) -> list[TextChoiceRecord]:
+    """`count` text-only lettered questions to mix into a multimodal training set (TrainConfig.text_choice_records)."""
+    return [TextChoiceRecord(seed, i) for i in range(count)]

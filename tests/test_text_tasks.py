@@ -1,0 +1,45 @@
+"""Text-only lettered questions of the LLM stage: well formed, answerable from their text, in-vocabulary."""
+
+import re
+
+import numpy as np
+import pytest
+
+from pixelrefer.data import shapesworld_vocabulary
+from pixelrefer.data.formats import BENCH_Q_INSTRUCTION
+from pixelrefer.data.text_tasks import KINDS, text_choice
+from pixelrefer.tokenizer import build_tokenizer
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_is_a_well_formed_answerable_question(kind):
+    rng = np.random.default_rng(7)
+    for _ in range(50):
+        user, assistant = text_choice(rng, kind)
+        assert user["role"] == "user" and assistant["role"] == "assistant"
+        context, question, *options, instruction = user["content"].split("\n")
+        assert instruction == BENCH_Q_INSTRUCTION and "<region>" not in user["content"]
+        assert [o[:3] for o in options] == ["(A)", "(B)", "(C)", "(D)"][: len(options)] and len(options) >= 3
+        assert assistant["content"] in options and len(set(options)) == len(options)
+        answer = assistant["content"][4:]
+        asked = re.findall(r"<object\d>", question)
+        assert asked and all(name in context for name in asked), "the question asks about a described object"
+        if kind in ("colour", "shape", "sequential"):
+            assert f"{asked[0]} " in context and answer.removeprefix("it ") in context, "the answer is stated"
+
+
+def test_every_word_is_in_the_shapesworld_vocabulary():
+    tokenizer = build_tokenizer(shapesworld_vocabulary())
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        for turn in text_choice(rng):
+            assert tokenizer.unk_token_id not in tokenizer(turn["content"])["input_ids"], turn["content"]
+
+
+def test_seeded_and_every_kind_drawn():
+    assert text_choice(np.random.default_rng(3)) == text_choice(np.random.default_rng(3))
+    rng = np.random.default_rng(1)
+    questions = {text_choice(rng)[0]["content"].split("\n")[1].split(" ")[0] for _ in range(200)}
+    assert len(questions) >= 4  # What / Where / Which / If
+    with pytest.raises(ValueError, match="unknown text question kind"):
+        text_choice(rng, "colours")
