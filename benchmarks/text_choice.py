@@ -19,6 +19,7 @@ each predicted letter: whether a model still answers lettered questions when not
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
@@ -34,6 +35,14 @@ from pixelrefer.presets import preset_kwargs
 from pixelrefer.tokenizer import build_tokenizer
 
 LETTERS = "ABCD"
+
+
+def mixed_question(rng: np.random.Generator, max_objects: int = 3) -> tuple[str, str]:
+    """A question of the LLM stage (`pixelrefer.data.text_tasks`: six kinds, facts about 1-3 objects)."""
+    from pixelrefer.data.text_tasks import text_choice
+
+    user, assistant = text_choice(rng, max_objects=max_objects)
+    return f"user : {user['content']}\nassistant : ", assistant["content"]
 
 
 def question(rng: np.random.Generator) -> tuple[str, str]:
@@ -107,6 +116,9 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--questions-from", choices=["colour", "llm-stage", "llm-stage-1"], default="colour",
+                        help="one-object colour questions, the LLM stage's six kinds, or those with one object "
+                             "where the kind allows")
     parser.add_argument("--model", help="measure this embedded model or checkpoint instead of training one")
     parser.add_argument("--questions", type=int, default=50, help="with --model: questions per kind")
     args = parser.parse_args()
@@ -121,14 +133,16 @@ def main() -> None:
         text["num_hidden_layers"] = args.layers
     model = Qwen2ForCausalLM(Qwen2Config(**text))
     rng, held_out_rng = np.random.default_rng(args.seed), np.random.default_rng(10_000 + args.seed)
-    held_out = [question(held_out_rng) for _ in range(256)]
+    make = {"colour": question, "llm-stage": mixed_question,
+            "llm-stage-1": functools.partial(mixed_question, max_objects=1)}[args.questions_from]
+    held_out = [make(held_out_rng) for _ in range(256)]
     if tokenizer.unk_token_id in encode(tokenizer, held_out)["input_ids"]:
         raise ValueError("a question has a word outside the ShapesWorld vocabulary")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(0.03 * args.steps), args.steps)
     curve, started = [], time.perf_counter()
     for step in range(1, args.steps + 1):
-        loss = model(**encode(tokenizer, [question(rng) for _ in range(args.batch_size)])).loss
+        loss = model(**encode(tokenizer, [make(rng) for _ in range(args.batch_size)])).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -137,7 +151,7 @@ def main() -> None:
         if step % args.every == 0 or step == args.steps:
             curve.append(dict(step=step, loss=round(loss.item(), 4),
                               letter_accuracy=letter_accuracy(model, tokenizer, held_out)))
-    print(json.dumps(dict(layers=text["num_hidden_layers"], hidden_size=text["hidden_size"], steps=args.steps,
+    print(json.dumps(dict(questions_from=args.questions_from, layers=text["num_hidden_layers"], hidden_size=text["hidden_size"], steps=args.steps,
                           batch_size=args.batch_size, curve=curve,
                           seconds=round(time.perf_counter() - started, 1)), indent=1))
 

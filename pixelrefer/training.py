@@ -15,8 +15,9 @@ Notable:
   on CPU). Epochs run over a pool where each record appears `task_weights[task]`
   times (default once), plus `text_choice_records` text-only lettered questions.
   With `num_workers`, DataLoader processes encode the next steps' batches while
-  the model trains on this one (same batches, same order: tested). Checkpoints hold model, optimizer, scheduler, step, loss history
-  and RNG states, written to a temporary folder and renamed into place.
+  the model trains on this one (same batches, same order: tested). Checkpoints
+  hold model, optimizer, scheduler, step, loss history and RNG states, written
+  to a temporary folder and renamed into place.
 - A bad record stops training with its file and index, unless `skip_bad` is
   set, in which case it is skipped and counted.
 - Stage 0 (`vision_pretrain_steps`, tiny models only): the paper starts from a
@@ -31,8 +32,8 @@ Notable:
 - LLM stage (`llm_pretrain_steps`, tiny models only), after stage 0: the paper starts from an instruction-tuned
   Qwen2.5 that already answers lettered questions with "(B) ..."; a tiny LLM from random weights learns the
   option text from multimodal records but not the letter. This stage trains the LLM alone on text-only
-  lettered questions in ShapesWorld's words (`pixelrefer.data.text_tasks`), saved to `llm_pretrain/` and
-  reused like stage 0.
+  lettered questions in ShapesWorld's words (`pixelrefer.data.text_tasks`, facts about
+  `llm_pretrain_max_objects` objects), saved to `llm_pretrain/` and reused like stage 0.
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ class TrainConfig:
     vision_encoder_from: str | None = None  # embedded model or checkpoint whose vision encoder to start from
     llm_pretrain_steps: int = 0  # LLM stage on text-only lettered questions (see the module docstring); 0 skips it
     llm_pretrain_lr: float = 1e-3
+    llm_pretrain_max_objects: int = 1  # objects per question's facts (2 for relationship / reasoning ones)
     task_weights: dict = field(default_factory=dict)  # task → how many times each of its records is in the pool
     text_choice_records: int = 0  # text-only lettered questions added to the main stage's records
 
@@ -353,14 +355,16 @@ def pretrain_vision_encoder(model, processor: PixelReferProcessor, samples: Sequ
 
 
 def pretrain_language_model(model, processor: PixelReferProcessor, *, steps: int, lr: float, batch_size: int,
-                            seed: int = 0, warmup_ratio: float = 0.03,
+                            seed: int = 0, warmup_ratio: float = 0.03, max_objects: int = 1,
                             autocast: Callable = contextlib.nullcontext) -> list[float]:
     """LLM stage: train `model`'s LLM (embeddings, layers, head) on text-only lettered questions.
 
     Each step draws `batch_size` conversations from `pixelrefer.data.text_tasks.text_choice` (seeded by
-    `seed`, its own generator), encodes them with the processor (no image, no region) and minimises the
-    model's loss on the answers. AdamW, cosine schedule with warm-up, gradient norm clipped at 1; only the
-    LLM's parameters are given to the optimizer. Returns the per-step losses.
+    `seed`, its own generator; facts about up to `max_objects` objects: with three, the 4-layer tiny LLM
+    stayed at chance for 5000 steps, with one it learns the letters, see `benchmarks/text_choice.py`),
+    encodes them with the processor (no image, no region) and minimises the model's loss on the answers.
+    AdamW, cosine schedule with warm-up, gradient norm clipped at 1; only the LLM's parameters are given to
+    the optimizer. Returns the per-step losses.
     """
     from pixelrefer.data.text_tasks import text_choice
 
@@ -372,7 +376,7 @@ def pretrain_language_model(model, processor: PixelReferProcessor, *, steps: int
     losses = []
     model.train()
     for _ in tqdm(range(steps), desc="LLM stage: lettered questions"):
-        batch = processor(text=[text_choice(rng) for _ in range(batch_size)]).to(device)
+        batch = processor(text=[text_choice(rng, max_objects=max_objects) for _ in range(batch_size)]).to(device)
         with autocast():
             loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
@@ -567,7 +571,8 @@ class Trainer:
         model = acc.unwrap_model(self.model)
         fit = functools.partial(
             pretrain_language_model, model, self.processor, steps=cfg.llm_pretrain_steps, lr=cfg.llm_pretrain_lr,
-            batch_size=cfg.batch_size, seed=cfg.seed, warmup_ratio=cfg.warmup_ratio, autocast=acc.autocast)
+            batch_size=cfg.batch_size, seed=cfg.seed, warmup_ratio=cfg.warmup_ratio,
+            max_objects=cfg.llm_pretrain_max_objects, autocast=acc.autocast)
         return self._saved_stage(LLM_PRETRAIN, "language_model.safetensors", model, fit, prefixes=LLM_PREFIXES)
 
     def _saved_stage(self, name: str, filename: str, module: torch.nn.Module, fit: Callable[[], list[float]],

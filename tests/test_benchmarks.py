@@ -42,13 +42,16 @@ def test_text_choice_questions_point_at_the_option_named_in_the_prompt():
     assert (supervised.sum(1) == 5).all(), '"(", letter, ")", colour, <|im_end|>'
 
 
-def test_text_choice_runs_and_reports_a_learning_curve():
+@pytest.mark.parametrize("questions", ["colour", "llm-stage"])
+def test_text_choice_runs_and_reports_a_learning_curve(questions):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    done = subprocess.run([sys.executable, "benchmarks/text_choice.py", "--steps", "4", "--every", "2"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "benchmarks/text_choice.py", "--steps", "4", "--every", "2",
+                           "--questions-from", questions], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
     assert [point["step"] for point in report["curve"]] == [2, 4] and report["layers"] == 4
+    assert report["questions_from"] == questions
     assert all(0 <= point["letter_accuracy"] <= 1 for point in report["curve"])
 
 

@@ -43,3 +43,14 @@ def test_seeded_and_every_kind_drawn():
     assert len(questions) >= 4  # What / Where / Which / If
     with pytest.raises(ValueError, match="unknown text question kind"):
         text_choice(rng, "colours")
+
+
+def test_max_objects_bounds_the_facts():
+    rng = np.random.default_rng(5)
+    for kind in KINDS:
+        for _ in range(20):
+            context = text_choice(rng, kind, max_objects=1)[0]["content"].split("\n")[0]
+            named = set(re.findall(r"<object\d>", context))
+            assert len(named) == (2 if kind in ("relationship", "reasoning") else 1), (kind, context)
+    assert max(len(set(re.findall(r"<object\d>", text_choice(rng, "colour")[0]["content"].split("\n")[0])))
+               for _ in range(50)) == 3

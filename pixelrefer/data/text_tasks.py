@@ -33,10 +33,11 @@ def _fact(k: int, words: str) -> str:
     return f"<object{k}> {words} ."
 
 
-def text_choice(rng: np.random.Generator, kind: str | None = None) -> list[dict[str, str]]:
-    """One conversation: facts about 1–3 objects and a lettered question of `kind` (random when None)."""
+def text_choice(rng: np.random.Generator, kind: str | None = None, max_objects: int = 3) -> list[dict[str, str]]:
+    """One conversation: facts about 1 to `max_objects` objects (two for relationship and reasoning questions)
+    and a lettered question of `kind` (random when None)."""
     kind = kind or KINDS[int(rng.integers(len(KINDS)))]
-    count = int(rng.integers(1, 4)) if kind not in ("relationship", "reasoning") else 2
+    count = int(rng.integers(1, max_objects + 1)) if kind not in ("relationship", "reasoning") else 2
     colours = [str(c) for c in rng.choice(list(COLOURS), count, replace=False)]
     shapes = [str(s) for s in rng.choice(list(tasks.SHAPE_NAMES), count)]
     motions = [MOTIONS[int(i)] for i in rng.integers(len(MOTIONS), size=count)]
