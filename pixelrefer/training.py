@@ -776,6 +776,7 @@ def _train_command(args) -> int:
     config = preset_config(args.preset, **overrides) if args.preset else TrainConfig(
         **{**dataclasses.asdict(TrainConfig.load(args.config)), **overrides})
     result = train(config)
-    print(f"{result.final_dir}: {len(result.losses)} steps, last loss {result.losses[-1]:.4f}, "
-          f"{result.seconds / 60:.1f} min, {len(result.skipped)} records skipped")
+    last = f", last loss {result.losses[-1]:.4f}" if result.losses else ""
+    print(f"{result.final_dir}: {len(result.losses)} steps{last}, {result.seconds / 60:.1f} min, "
+          f"{len(result.skipped)} records skipped")
     return 0

@@ -176,6 +176,13 @@ def test_presets_and_the_train_command_generate_shapesworld_and_train(tmp_path, 
     moved = [name for name, tensor in after_stage_0.items()
              if not torch.equal(tensor, final[f"model.vision_model.{name}"])]
     assert len(moved) > len(after_stage_0) // 2
+    # the LLM stage alone (no main step): a model to measure with `benchmarks/text_choice.py --model`
+    code = main(["train", "--preset", "shapes-tiny", "--set", f"output_dir={tmp_path / 'llm-only'}", "--set",
+                 "steps=0", "--set", "vision_pretrain_steps=0", "--set", "llm_pretrain_steps=2", "--set",
+                 "batch_size=2", "--set", 'shapesworld={"seed": 1, "num_images": 6, "num_videos": 2}',
+                 "--set", f"model_overrides={json.dumps(tiny_overrides())}"])
+    assert code == 0 and "0 steps, " in capsys.readouterr().out
+    assert (tmp_path / "llm-only" / "final" / "model.safetensors").exists()
 
 
 def test_resume_refuses_a_checkpoint_of_a_different_model_shape(tmp_path):
