@@ -343,12 +343,7 @@ def pretrain_vision_encoder(model, processor: PixelReferProcessor, samples: Sequ
                 heads[name](pooled),
                 torch.tensor([values.index(o[name]) for item in items for o in item.meta["objects"]], device=device))
             for name, values in attributes.items())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
+        losses.append(_descend(loss, optimizer, scheduler, parameters))
     for parameter, flag in zip(vision.parameters(), trainable):
         parameter.requires_grad_(flag)
     return losses
@@ -379,13 +374,18 @@ def pretrain_language_model(model, processor: PixelReferProcessor, *, steps: int
         batch = processor(text=[text_choice(rng, max_objects=max_objects) for _ in range(batch_size)]).to(device)
         with autocast():
             loss = model(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
+        losses.append(_descend(loss, optimizer, scheduler, parameters))
     return losses
+
+
+def _descend(loss: torch.Tensor, optimizer, scheduler, parameters: list) -> float:
+    """One step of a pre-training stage: backward, gradient norm clipped at 1, optimizer and schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+    scheduler.step()
+    return loss.item()
 
 
 class Trainer:
