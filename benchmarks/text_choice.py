@@ -80,8 +80,9 @@ def letter_accuracy(model, tokenizer, held_out: list[tuple[str, str]]) -> float:
     return right / len(held_out)
 
 
-def model_letter_accuracy(name: str, questions: int, seed: int) -> dict:
-    """Letter accuracy of model `name` on `questions` text-only lettered questions per kind (greedy)."""
+def model_letter_accuracy(name: str, questions: int, seed: int, max_objects: int = 3) -> dict:
+    """Letter accuracy of model `name` on `questions` text-only lettered questions per kind (greedy), their facts
+    naming up to `max_objects` objects."""
     from collections import Counter
 
     import pixelrefer
@@ -95,7 +96,7 @@ def model_letter_accuracy(name: str, questions: int, seed: int) -> dict:
     rng = np.random.default_rng(20_000 + seed)
     per_kind, letters = {}, Counter()
     for kind in KINDS:
-        asked = [text_choice(rng, kind) for _ in range(questions)]
+        asked = [text_choice(rng, kind, max_objects=max_objects) for _ in range(questions)]
         predictions = answer([SampleInputs(turns[:1], None, None, []) for turns in asked])
         right = 0
         for turns, prediction in zip(asked, predictions):
@@ -104,7 +105,8 @@ def model_letter_accuracy(name: str, questions: int, seed: int) -> dict:
             right += letter == reference_letter(turns[1]["content"])
         per_kind[kind] = right / questions
     total = sum(letters.values())
-    return dict(model=name, questions_per_kind=questions, accuracy=sum(per_kind.values()) / len(per_kind),
+    return dict(model=name, questions_per_kind=questions, max_objects=max_objects,
+                accuracy=sum(per_kind.values()) / len(per_kind),
                 per_kind=per_kind, predicted_letters={k: v / total for k, v in sorted(letters.items())})
 
 
@@ -121,10 +123,11 @@ def main() -> None:
                              "where the kind allows")
     parser.add_argument("--model", help="measure this embedded model or checkpoint instead of training one")
     parser.add_argument("--questions", type=int, default=50, help="with --model: questions per kind")
+    parser.add_argument("--max-objects", type=int, default=3, help="with --model: objects the facts name, at most")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.model:
-        print(json.dumps(model_letter_accuracy(args.model, args.questions, args.seed), indent=1))
+        print(json.dumps(model_letter_accuracy(args.model, args.questions, args.seed, args.max_objects), indent=1))
         return
     torch.manual_seed(args.seed)
     tokenizer = build_tokenizer(shapesworld_vocabulary())
@@ -151,8 +154,8 @@ def main() -> None:
         if step % args.every == 0 or step == args.steps:
             curve.append(dict(step=step, loss=round(loss.item(), 4),
                               letter_accuracy=letter_accuracy(model, tokenizer, held_out)))
-    print(json.dumps(dict(questions_from=args.questions_from, layers=text["num_hidden_layers"], hidden_size=text["hidden_size"], steps=args.steps,
-                          batch_size=args.batch_size, curve=curve,
+    print(json.dumps(dict(questions_from=args.questions_from, layers=text["num_hidden_layers"],
+                          hidden_size=text["hidden_size"], steps=args.steps, batch_size=args.batch_size, curve=curve,
                           seconds=round(time.perf_counter() - started, 1)), indent=1))
 
 

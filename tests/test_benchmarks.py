@@ -58,7 +58,8 @@ def test_text_choice_runs_and_reports_a_learning_curve(questions):
 def test_text_choice_measures_a_model_per_question_kind():
     from pixelrefer.data.text_tasks import KINDS
 
-    report = _script("text_choice").model_letter_accuracy("shapes-tiny", questions=3, seed=0)
+    report = _script("text_choice").model_letter_accuracy("shapes-tiny", questions=3, seed=0, max_objects=1)
+    assert report["max_objects"] == 1
     assert set(report["per_kind"]) == set(KINDS) and all(v in (0, 1 / 3, 2 / 3, 1) for v in report["per_kind"].values())
     assert abs(sum(report["predicted_letters"].values()) - 1) < 1e-9
     assert report["accuracy"] == sum(report["per_kind"].values()) / len(KINDS)
