@@ -1,7 +1,7 @@
 """Held-out ShapesWorld accuracy of a model, as JSON: the numbers of the README's embedded-model table.
 
     python benchmarks/shapesworld_accuracy.py --model shapes-tiny [--data runs/eval-shapesworld] [--threads 1]
-        [--device cuda]
+        [--device cuda] [--tasks multiple_choice,category] [--limit 100]
 
 - category: exact match of one single-object category question per object of every test `category`
   record, overall and for small (tiny, small) / large regions;
@@ -54,6 +54,26 @@ def named_words(predictions: list[str], references: list[str], vocabulary) -> fl
     return right / max(len(predictions), 1)
 
 
+def select(test: list, tasks: str | None, limit: int | None) -> list:
+    """The records of `tasks` (comma-separated; all when None), the first `limit` of each task."""
+    if tasks:
+        wanted = [t.strip() for t in tasks.split(",") if t.strip()]
+        unknown = sorted(set(wanted) - {s.task for s in test})
+        if unknown:
+            raise SystemExit(f"--tasks: no test record has task {', '.join(map(repr, unknown))}; "
+                             f"known: {', '.join(sorted({s.task for s in test}))}")
+        test = [s for s in test if s.task in wanted]
+    if limit is not None:
+        seen = defaultdict(int)
+        kept = []
+        for sample in test:
+            seen[sample.task] += 1
+            if seen[sample.task] <= limit:
+                kept.append(sample)
+        test = kept
+    return test
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="shapes-tiny")
@@ -63,15 +83,18 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-videos", type=int, default=None, help="the test split of another video count")
     parser.add_argument("--image-choice", action="store_true", help="a split with image multiple choice")
+    parser.add_argument("--tasks", help="comma-separated tasks to score (default: all), e.g. multiple_choice,category")
+    parser.add_argument("--limit", type=int, default=None, help="score at most this many records per task")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     model, processor = pixelrefer.load(args.model, device=args.device)
     test_file = shapesworld_test_split(args.data, num_videos=args.num_videos, image_choice=args.image_choice or None)
-    test = load_annotations(test_file, test_file.parent)
+    test = select(load_annotations(test_file, test_file.parent), args.tasks, args.limit)
     started = time.perf_counter()
     result = {"model": args.model, "test_records": len(test)}
-    result["category"] = category_accuracy(model, processor, [s for s in test if s.task == "category"])
+    if any(s.task == "category" for s in test):
+        result["category"] = category_accuracy(model, processor, [s for s in test if s.task == "category"])
     answer = PixelReferModel(model, processor, max_new_tokens=24)
     hits, choices, captions = defaultdict(list), defaultdict(list), ([], [])
     for task in sorted({s.task for s in test} - {"category", "detailed_caption"}):
@@ -92,10 +115,11 @@ def main() -> None:
     for task, items in sorted(choices.items()):
         scores = choice_scores(items)
         result[task] = {"accuracy": scores.overall, "per_type": scores.per_type, "questions": scores.count}
-    metrics = caption_scores(captions[0], captions[1], meteor=False)
-    result["short_caption_metrics"] = {k: v for k, v in vars(metrics).items() if isinstance(v, float)}
-    result["short_caption_words"] = {"colour": named_words(*captions, COLOURS),
-                                     "category": named_words(*captions, SHAPE_NAMES), "captions": len(captions[0])}
+    if captions[0]:
+        metrics = caption_scores(captions[0], captions[1], meteor=False)
+        result["short_caption_metrics"] = {k: v for k, v in vars(metrics).items() if isinstance(v, float)}
+        result["short_caption_words"] = {"colour": named_words(*captions, COLOURS),
+                                         "category": named_words(*captions, SHAPE_NAMES), "captions": len(captions[0])}
     result["seconds"] = time.perf_counter() - started
     print(json.dumps(result, indent=1))
 

@@ -33,7 +33,8 @@ Notable:
   Qwen2.5 that already answers lettered questions with "(B) ..."; a tiny LLM from random weights learns the
   option text from multimodal records but not the letter. This stage trains the LLM alone on text-only
   lettered questions in ShapesWorld's words (`pixelrefer.data.text_tasks`, facts about
-  `llm_pretrain_max_objects` objects), saved to `llm_pretrain/` and reused like stage 0.
+  `llm_pretrain_max_objects` objects, `llm_pretrain_batch_size` questions a step: the letters arrive in a
+  sudden jump that more questions per step bring forward), saved to `llm_pretrain/` and reused like stage 0.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class TrainConfig:
     llm_pretrain_steps: int = 0  # LLM stage on text-only lettered questions (see the module docstring); 0 skips it
     llm_pretrain_lr: float = 1e-3
     llm_pretrain_max_objects: int = 1  # objects per question's facts (2 for relationship / reasoning ones)
+    llm_pretrain_batch_size: int | None = None  # questions per LLM-stage step; None: batch_size
     task_weights: dict = field(default_factory=dict)  # task → how many times each of its records is in the pool
     text_choice_records: int = 0  # text-only lettered questions added to the main stage's records
 
@@ -351,7 +353,8 @@ def pretrain_vision_encoder(model, processor: PixelReferProcessor, samples: Sequ
 
 def pretrain_language_model(model, processor: PixelReferProcessor, *, steps: int, lr: float, batch_size: int,
                             seed: int = 0, warmup_ratio: float = 0.03, max_objects: int = 1,
-                            autocast: Callable = contextlib.nullcontext) -> list[float]:
+                            autocast: Callable = contextlib.nullcontext,
+                            callback: Callable[[int, float], None] | None = None) -> list[float]:
     """LLM stage: train `model`'s LLM (embeddings, layers, head) on text-only lettered questions.
 
     Each step draws `batch_size` conversations from `pixelrefer.data.text_tasks.text_choice` (seeded by
@@ -359,7 +362,8 @@ def pretrain_language_model(model, processor: PixelReferProcessor, *, steps: int
     stayed at chance for 5000 steps, with one it learns the letters, see `benchmarks/text_choice.py`),
     encodes them with the processor (no image, no region) and minimises the model's loss on the answers.
     AdamW, cosine schedule with warm-up, gradient norm clipped at 1; only the LLM's parameters are given to
-    the optimizer. Returns the per-step losses.
+    the optimizer. `callback(step, loss)` runs after each step (e.g. to measure or save the LLM on the way).
+    Returns the per-step losses.
     """
     from pixelrefer.data.text_tasks import text_choice
 
@@ -370,12 +374,37 @@ def pretrain_language_model(model, processor: PixelReferProcessor, *, steps: int
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * steps), steps)
     losses = []
     model.train()
-    for _ in tqdm(range(steps), desc="LLM stage: lettered questions"):
+    for step in tqdm(range(1, steps + 1), desc="LLM stage: lettered questions"):
         batch = processor(text=[text_choice(rng, max_objects=max_objects) for _ in range(batch_size)]).to(device)
         with autocast():
             loss = model(**batch).loss
         losses.append(_descend(loss, optimizer, scheduler, parameters))
+        if callback is not None:
+            callback(step, losses[-1])
     return losses
+
+
+def save_stage(folder: Path, filename: str, module: torch.nn.Module, losses: list[float],
+               prefixes: tuple[str, ...] = ("",)) -> None:
+    """Write a pre-training stage's folder atomically: `module`'s parameters under `prefixes` in `filename`
+    and the stage's losses in `loss_history.json`. A training run whose `output_dir` holds this folder
+    (e.g. `llm_pretrain/language_model.safetensors`) loads it instead of running the stage."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().clone().contiguous()  # clone: tied weights cannot share storage in a file
+             for k, v in module.state_dict().items() if k.startswith(prefixes)}
+    save_file(state, tmp / filename)
+    atomic_write_text(tmp / "loss_history.json", json.dumps(losses))
+    old = folder.with_name(f".{folder.name}.old")  # the previous folder stays on disk until the new one is in place
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _descend(loss: torch.Tensor, optimizer, scheduler, parameters: list) -> float:
@@ -571,7 +600,7 @@ class Trainer:
         model = acc.unwrap_model(self.model)
         fit = functools.partial(
             pretrain_language_model, model, self.processor, steps=cfg.llm_pretrain_steps, lr=cfg.llm_pretrain_lr,
-            batch_size=cfg.batch_size, seed=cfg.seed, warmup_ratio=cfg.warmup_ratio,
+            batch_size=cfg.llm_pretrain_batch_size or cfg.batch_size, seed=cfg.seed, warmup_ratio=cfg.warmup_ratio,
             max_objects=cfg.llm_pretrain_max_objects, autocast=acc.autocast)
         return self._saved_stage(LLM_PRETRAIN, "language_model.safetensors", model, fit, prefixes=LLM_PREFIXES)
 
@@ -580,7 +609,7 @@ class Trainer:
         """Run a pre-training stage once: `fit()` on the main process with the global RNG state put back after,
         `module`'s parameters under `prefixes` saved atomically to `output_dir/name/filename` with the losses,
         then loaded on every process. A folder already there (a resumed or copied run) is loaded, not refit."""
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file
 
         acc = self.accelerator
         folder = self.output / name
@@ -590,15 +619,7 @@ class Trainer:
             rng = _rng_state()
             losses = fit()
             _set_rng_state(rng)
-            tmp = folder.with_name(f".{folder.name}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            state = {k: v.detach().clone().contiguous()  # clone: tied weights cannot share storage in a file
-                     for k, v in module.state_dict().items() if k.startswith(prefixes)}
-            save_file(state, tmp / weights.name)
-            atomic_write_text(tmp / "loss_history.json", json.dumps(losses))
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
+            save_stage(folder, filename, module, losses, prefixes)
         acc.wait_for_everyone()
         state = load_file(weights)
         wanted = {k for k in module.state_dict() if k.startswith(prefixes)}

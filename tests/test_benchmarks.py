@@ -55,6 +55,81 @@ def test_text_choice_runs_and_reports_a_learning_curve(questions):
     assert all(0 <= point["letter_accuracy"] <= 1 for point in report["curve"])
 
 
+def test_text_choice_letter_only_loss_supervises_the_letter_alone():
+    from pixelrefer.data import shapesworld_vocabulary
+    from pixelrefer.tokenizer import build_tokenizer
+
+    text_choice = _script("text_choice")
+    tokenizer = build_tokenizer(shapesworld_vocabulary())
+    pairs = [text_choice.question(np.random.default_rng(i)) for i in range(3)]
+    batch = text_choice.encode(tokenizer, pairs, letter_only=True)
+    for (_, answer), ids, labels in zip(pairs, batch["input_ids"], batch["labels"]):
+        kept = labels[labels != -100]
+        assert tokenizer.convert_ids_to_tokens(kept.tolist()) == [answer[1]]
+
+
+def test_text_choice_stage_trains_the_real_llm_stage_and_saves_what_a_run_loads(tmp_path):
+    from pixelrefer.training import TrainConfig, Trainer
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    saved = tmp_path / "run"
+    done = subprocess.run([sys.executable, "benchmarks/text_choice.py", "--stage", "--steps", "4", "--every", "2",
+                           "--max-objects", "3", "--batch-size", "4", "--save", str(saved)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert [point["step"] for point in report["curve"]] == [2, 4]
+    for point in report["curve"]:
+        assert 0 <= point["letter_accuracy_1_objects"] <= 1 and 0 <= point["letter_accuracy_3_objects"] <= 1
+    assert json.loads((saved / "curve.json").read_text()) == report["curve"]
+    assert len(json.loads((saved / "llm_pretrain" / "loss_history.json").read_text())) == 4
+    config = TrainConfig(model="tiny", output_dir=str(saved), steps=1, batch_size=2, llm_pretrain_steps=4,
+                         shapesworld=dict(seed=0, num_images=4, num_videos=0))
+    from pixelrefer.training import training_samples
+
+    trainer = Trainer(config, training_samples(config))
+    assert trainer.pretrain_llm() == [], "a run with that output_dir starts from the saved LLM"
+
+
+def test_text_choice_forced_letter_accuracy_reads_the_letter_position():
+    import torch
+
+    import pixelrefer
+    from pixelrefer.data.text_tasks import text_choice
+
+    text_choice_script = _script("text_choice")
+    model, processor = pixelrefer.load("shapes-tiny")
+    conversations = [text_choice(np.random.default_rng(i), "colour", max_objects=1) for i in range(6)]
+    letters = [turns[1]["content"][1] for turns in conversations]
+    letter_id = {c: processor.tokenizer.convert_tokens_to_ids(c) for c in "ABCD"}
+
+    class Always:
+        """Puts all weight on one letter at every position: accuracy is the share of answers with that letter."""
+
+        def __init__(self, letter):
+            self.letter = letter
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def parameters(self):
+            return iter([self.weight])
+
+        def eval(self):
+            pass
+
+        def train(self):
+            pass
+
+        def __call__(self, input_ids, **_):
+            logits = torch.zeros(*input_ids.shape, len(processor.tokenizer))
+            logits[..., letter_id[self.letter]] = 1.0
+            return type("Out", (), {"logits": logits})
+
+    for letter in "ABCD":
+        expected = letters.count(letter) / len(letters)
+        assert text_choice_script.forced_letter_accuracy(Always(letter), processor, conversations) == expected
+    assert 0 <= text_choice_script.forced_letter_accuracy(model, processor, conversations, batch_size=4) <= 1
+
+
 def test_text_choice_measures_a_model_per_question_kind():
     from pixelrefer.data.text_tasks import KINDS
 
@@ -73,3 +148,15 @@ def test_shapesworld_accuracy_counts_named_colour_and_category_words():
     assert named_words(predictions, references, {"circle", "house", "star"}) == 1.0
     with pytest.raises(ValueError):
         named_words(predictions[:2], references, {"red"})
+
+
+def test_shapesworld_accuracy_selects_tasks_and_limits_records():
+    accuracy = _script("shapesworld_accuracy")
+    test = [type("S", (), {"task": task})() for task in ["category", "multiple_choice", "category", "short_caption",
+                                                            "multiple_choice", "category"]]
+    assert [s.task for s in accuracy.select(test, None, None)] == [s.task for s in test]
+    chosen = accuracy.select(test, "category, multiple_choice", 2)
+    assert [s.task for s in chosen] == ["category", "multiple_choice", "category", "multiple_choice"]
+    assert chosen[0] is test[0] and chosen[2] is test[2], "the first records of each task, in file order"
+    with pytest.raises(SystemExit, match="no test record has task 'captions'"):
+        accuracy.select(test, "captions", None)

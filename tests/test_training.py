@@ -356,6 +356,49 @@ def test_llm_stage_trains_the_llm_alone_on_lettered_text_questions(tmp_path):
     assert len(result.losses) == 1
 
 
+def test_llm_stage_batch_size_and_callback(tmp_path, monkeypatch):
+    import pixelrefer.training as training
+
+    drawn, seen = [], []
+    real = training.pretrain_language_model
+
+    def spy(*args, **kwargs):
+        drawn.append(kwargs["batch_size"])
+        return real(*args, **kwargs, callback=lambda step, loss: seen.append((step, loss)))
+
+    monkeypatch.setattr(training, "pretrain_language_model", spy)
+    trainer = Trainer(config(tmp_path, "batch", llm_pretrain_steps=3, llm_pretrain_batch_size=5, steps=1), samples())
+    losses = trainer.pretrain_llm()
+    assert drawn == [5], "the LLM stage draws llm_pretrain_batch_size questions per step, not batch_size (2)"
+    assert seen == list(zip([1, 2, 3], losses))
+    drawn.clear()
+    Trainer(config(tmp_path, "default", llm_pretrain_steps=1, steps=1), samples()).pretrain_llm()
+    assert drawn == [2], "without llm_pretrain_batch_size the stage uses batch_size"
+
+
+def test_a_stage_saved_on_the_way_replaces_the_folder_and_is_loaded_by_a_run(tmp_path):
+    from safetensors.torch import load_file
+
+    from pixelrefer.training import LLM_PREFIXES, save_stage
+
+    trainer = Trainer(config(tmp_path, "saved", llm_pretrain_steps=2, steps=1), samples())
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    folder = tmp_path / "saved" / "llm_pretrain"
+    save_stage(folder, "language_model.safetensors", model, [1.0], LLM_PREFIXES)
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    save_stage(folder, "language_model.safetensors", model, [1.0, 0.5], LLM_PREFIXES)
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["llm_pretrain"], "no temporary folder is left"
+    state = load_file(folder / "language_model.safetensors")
+    assert set(state) == {k for k in model.state_dict() if k.startswith(LLM_PREFIXES)}
+    assert torch.equal(state["lm_head.weight"], model.lm_head.weight.detach())
+    assert json.loads((folder / "loss_history.json").read_text()) == [1.0, 0.5]
+    again = Trainer(config(tmp_path, "saved", llm_pretrain_steps=2, steps=1), samples())
+    assert again.pretrain_llm() == [], "the saved stage is loaded, not refit"
+    loaded = again.accelerator.unwrap_model(again.model)
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
 def test_llm_stage_refuses_weights_of_another_model(tmp_path):
     from safetensors.torch import save_file
 
