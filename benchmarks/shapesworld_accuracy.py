@@ -8,7 +8,8 @@
 - exact_match: per task, the greedy answer to each record's first question against its reference
   (detailed captions left out: exact match says nothing about a 40-word caption);
 - multiple_choice: option-letter accuracy per VideoRefer-Bench-Q type (videos); image_choice: the same on the
-  images' lettered colour / shape questions (first question of each record);
+  images' lettered colour / shape questions (first question of each record); for both, how often the option
+  text after the letter is right, and right under a wrong letter;
 - short_caption_metrics: BLEU / ROUGE-L / CIDEr of the short captions (METEOR off: Java start-up);
   short_caption_words: how often a short caption names its object's colour and its category (the one colour /
   category word of the reference, and no other one).
@@ -54,6 +55,24 @@ def named_words(predictions: list[str], references: list[str], vocabulary) -> fl
     return right / max(len(predictions), 1)
 
 
+def option_text(answer: str) -> str:
+    """An answer without its leading option letter: "(B) it moves left" -> "it moves left"."""
+    answer = answer.strip()
+    if len(answer) >= 3 and answer[0] == "(" and answer[2] == ")":
+        answer = answer[3:]
+    return " ".join(answer.split())
+
+
+def split_choice(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """How lettered answers fail: the option text right (whatever the letter), and right text under a wrong
+    letter, the sign that a model knows the answer but not which letter stands for it."""
+    text = [option_text(p) == option_text(r) for p, r in zip(predictions, references, strict=True)]
+    letter = [p.strip()[:3] == r.strip()[:3] for p, r in zip(predictions, references, strict=True)]
+    count = max(len(text), 1)
+    return {"option_text_right": sum(text) / count,
+            "text_right_letter_wrong": sum(t and not k for t, k in zip(text, letter)) / count}
+
+
 def select(test: list, tasks: str | None, limit: int | None) -> list:
     """The records of `tasks` (comma-separated; all when None), the first `limit` of each task."""
     if tasks:
@@ -96,7 +115,7 @@ def main() -> None:
     if any(s.task == "category" for s in test):
         result["category"] = category_accuracy(model, processor, [s for s in test if s.task == "category"])
     answer = PixelReferModel(model, processor, max_new_tokens=24)
-    hits, choices, captions = defaultdict(list), defaultdict(list), ([], [])
+    hits, choices, answers, captions = defaultdict(list), defaultdict(list), defaultdict(list), ([], [])
     for task in sorted({s.task for s in test} - {"category", "detailed_caption"}):
         samples = [s for s in test if s.task == task]
         for start in range(0, len(samples), args.batch_size):
@@ -106,6 +125,7 @@ def main() -> None:
                 hits[task].append(exact_match(prediction, reference))
                 if task in ("multiple_choice", "image_choice"):
                     truth = sample.meta.get("Answer", reference)
+                    answers[task].append((prediction, truth))
                     choices[task].append(score_item(sample.id, prediction, truth, type=sample.meta.get("type", ""),
                                                     options=sample.meta.get("options")))
                 elif task == "short_caption":
@@ -114,7 +134,8 @@ def main() -> None:
     result["exact_match"] = {task: {"accuracy": sum(v) / len(v), "records": len(v)} for task, v in hits.items()}
     for task, items in sorted(choices.items()):
         scores = choice_scores(items)
-        result[task] = {"accuracy": scores.overall, "per_type": scores.per_type, "questions": scores.count}
+        result[task] = {"accuracy": scores.overall, "per_type": scores.per_type, "questions": scores.count,
+                        **split_choice(*zip(*answers[task]))}
     if captions[0]:
         metrics = caption_scores(captions[0], captions[1], meteor=False)
         result["short_caption_metrics"] = {k: v for k, v in vars(metrics).items() if isinstance(v, float)}

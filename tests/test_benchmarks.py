@@ -160,3 +160,14 @@ def test_shapesworld_accuracy_selects_tasks_and_limits_records():
     assert chosen[0] is test[0] and chosen[2] is test[2], "the first records of each task, in file order"
     with pytest.raises(SystemExit, match="no test record has task 'captions'"):
         accuracy.select(test, "captions", None)
+
+
+def test_shapesworld_accuracy_separates_option_text_from_letter():
+    accuracy = _script("shapesworld_accuracy")
+    assert accuracy.option_text("(B) it moves  left") == "it moves left" and accuracy.option_text("green") == "green"
+    predictions = ["(B) green", "(A) green", "(C) red", "(D) blue"]
+    references = ["(B) green", "(D) green", "(C) blue", "(A) white"]
+    assert accuracy.split_choice(predictions, references) == {"option_text_right": 0.5,
+                                                              "text_right_letter_wrong": 0.25}
+    with pytest.raises(ValueError):
+        accuracy.split_choice(predictions[:1], references)
