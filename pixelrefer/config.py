@@ -39,6 +39,11 @@ class PixelReferConfig(VideoLlama3Config):
         max_crop_pixels: cap on crop area; s shrinks until the crop fits.
         use_dynamic_scaling: False crops at native resolution ("w/o expansion").
         use_position_encoding: False drops Eq. 4–5 ("w/o position encoding").
+        position_init_std: std of the normal initialisation of the position
+            Linear (Eq. 5); None takes `initializer_range` (0.02) like every
+            other Linear. The paper does not say. At 0.02 the position term is
+            about 2 % of a tiny-model cell feature and the object tokens do not
+            learn where their object is (README, "Object tokens that know where").
         kmeans_iterations: None picks the release's value (5 PR, 3 Lite).
         kmeans_seed: seed of the deterministic centroid initialisation.
         oci_local_size / oci_global_size: side of the local crop and of the
@@ -73,6 +78,7 @@ class PixelReferConfig(VideoLlama3Config):
     max_crop_pixels: int = 448 * 448
     use_dynamic_scaling: bool = True
     use_position_encoding: bool = True
+    position_init_std: float | None = None
     kmeans_iterations: int | None = None
     kmeans_seed: int = 0
     oci_local_size: int = 224
@@ -94,6 +100,8 @@ class PixelReferConfig(VideoLlama3Config):
             raise ValueError(f"framework must be one of {FRAMEWORKS}, got {self.framework!r}")
         if self.object_tokenizer not in OBJECT_TOKENIZERS:
             raise ValueError(f"object_tokenizer must be one of {OBJECT_TOKENIZERS}, got {self.object_tokenizer!r}")
+        if self.position_init_std is not None and not self.position_init_std > 0:
+            raise ValueError(f"position_init_std must be a positive number or None, got {self.position_init_std}")
         if self.num_object_tokens < 1:
             raise ValueError(f"num_object_tokens must be >= 1, got {self.num_object_tokens}")
         if self.downscale_threshold is None:

@@ -169,6 +169,28 @@ def test_processor_model_config_mismatch_is_detected(scene):
         model(**image_inputs(other, scene))
 
 
+@pytest.mark.parametrize("framework", ["vision_object", "object_only"])
+def test_position_init_std_sets_the_position_linear_only(framework, tmp_path):
+    """The position Linear (Eq. 5) starts at `position_init_std`; every other Linear keeps HF's 0.02; a saved
+    model loads its trained weights, not a fresh draw."""
+    default, _ = build(framework)
+    model, processor = build(framework, position_init_std=3.0)
+    position = model.model.object_tokenizer.position_proj
+    assert default.model.object_tokenizer.position_proj.weight.std() < 0.05
+    assert 2.0 < position.weight.std() < 4.0 and not position.bias.any()
+    assert model.model.object_tokenizer.mlp[0].weight.std() < 0.05
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = PixelReferForConditionalGeneration.from_pretrained(tmp_path)
+    assert loaded.config.position_init_std == 3.0
+    assert torch.equal(loaded.model.object_tokenizer.position_proj.weight, position.weight)
+
+
+def test_position_init_std_must_be_positive():
+    with pytest.raises(ValueError, match="position_init_std"):
+        PixelReferConfig.from_preset("tiny", position_init_std=0.0)
+
+
 @pytest.mark.parametrize("name, vision, llm", [("2b", 1152, 1536), ("7b", 1152, 3584)])
 def test_published_shapes(name, vision, llm):
     config = PixelReferConfig.from_preset(name)

@@ -12,6 +12,12 @@ Notable:
   medium, large; objects without a size, such as composites, count as
   "unsized"). It measures what is linearly readable, not what the LLM reads:
   standardising hides how quiet a signal is, which `variance_share` shows.
+- `object_centres` and `location_r2`: whether the features know where their
+  object is. A ridge regression from an object's features to its mask
+  centroid (x, y in [0, 1] of the image), fitted on one set and scored as R²
+  on another: near 1 the features locate the object, at or below 0 they
+  carry no location. Relations, motion and the video questions about them
+  need it (README, "Object tokens that know where").
 - `variance_share` is the fraction of the features' total variance that an
   attribute's class means explain (R²): linear readability says a signal is
   there, its share says how loud it is next to the others.
@@ -109,6 +115,38 @@ def linear_probe(train: tuple[torch.Tensor, list[dict]], test: tuple[torch.Tenso
         by_size[obj.get("size") or "unsized"].append(hit)
     return ProbeResult(attribute, sum(hits) / len(hits), {k: sum(v) / len(v) for k, v in sorted(by_size.items())},
                        len(hits), len(values))
+
+
+def object_centres(samples: Sequence) -> torch.Tensor:
+    """(objects, 2) mask centroid (x, y), as fractions of the image's width and height, of every object of
+    the labelled image records of `samples`, in the order of `object_features`."""
+    chosen, _ = labelled_objects(samples)
+    centres = []
+    for i in chosen:
+        _, image, _, masks = samples[i].load_media()
+        for k, mask in enumerate(masks):
+            rows, cols = torch.as_tensor(mask).squeeze().nonzero(as_tuple=True)
+            if rows.numel() == 0:
+                raise ValueError(f"{getattr(samples[i], 'where', f'sample {i}')}: mask {k} is empty")
+            centres.append([(cols.double().mean() + 0.5) / image.width, (rows.double().mean() + 0.5) / image.height])
+    return torch.tensor(centres, dtype=torch.float64)
+
+
+def location_r2(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
+                *, ridge: float = 1.0) -> float:
+    """R² on `test` of a ridge regression from features to centres fitted on `train` ((features, centres)
+    pairs; features standardised with the training statistics). 1: exact; 0 or less: no location."""
+    (x, y), (x_test, y_test) = train, test
+    if x.shape[0] != y.shape[0] or x_test.shape[0] != y_test.shape[0]:
+        raise ValueError(f"features and centres differ in count: train {x.shape[0]} vs {y.shape[0]}, "
+                         f"test {x_test.shape[0]} vs {y_test.shape[0]}")
+    x, x_test, y, y_test = x.double(), x_test.double(), y.double(), y_test.double()
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    x, x_test = (x - mean) / std, (x_test - mean) / std
+    offset = y.mean(0)
+    weights = torch.linalg.solve(x.T @ x + ridge * torch.eye(x.shape[1], dtype=x.dtype), x.T @ (y - offset))
+    residual = ((x_test @ weights + offset - y_test) ** 2).sum()
+    return float(1 - residual / ((y_test - y_test.mean(0)) ** 2).sum())
 
 
 def variance_share(features: torch.Tensor, labels: list[dict], attribute: str) -> float:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import VideoLlama3ForConditionalGeneration, VideoLlama3Model
+from transformers import initialization as init
 from transformers.models.video_llama_3.modeling_video_llama_3 import (
     VideoLlama3CausalLMOutputWithPast,
     VideoLlama3ModelOutputWithPast,
@@ -108,6 +109,14 @@ class PixelReferModel(VideoLlama3Model):
             # Lite sends no global vision tokens to the LLM, so the image projector is unused; it stays in the
             # state dict so VideoLLaMA3 and release checkpoints load unchanged.
             self.projector.requires_grad_(False)
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.position_init_std
+        # VideoLlama3Model.__init__ initialises before the object tokenizer exists; PixelReferModel's own
+        # post_init reaches it.
+        if std is not None and module is getattr(getattr(self, "object_tokenizer", None), "position_proj", None):
+            init.normal_(module.weight, mean=0.0, std=std)
 
     def encode_vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """Packed crops (P, 3·p·p) with per-crop (1, h, w) grids → (P, C) features, no token merging."""
