@@ -9,7 +9,9 @@
   (detailed captions left out: exact match says nothing about a 40-word caption);
 - multiple_choice: option-letter accuracy per VideoRefer-Bench-Q type (videos); image_choice: the same on the
   images' lettered colour / shape questions (first question of each record); for both, how often the option
-  text after the letter is right, and right under a wrong letter;
+  text after the letter is right, and right under a wrong letter; and, overall and per type, the option
+  text right and `option_ranking`: the option whose whole answer ("(B) red") has the lowest loss, what the
+  model knows whatever letter it writes first (`--no-ranking` skips it: one forward pass per option);
 - short_caption_metrics: BLEU / ROUGE-L / CIDEr of the short captions (METEOR off: Java start-up);
   short_caption_words: how often a short caption names its object's colour and its category (the one colour /
   category word of the reference, and no other one).
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from collections import defaultdict
 
@@ -73,6 +76,20 @@ def split_choice(predictions: list[str], references: list[str]) -> dict[str, flo
             "text_right_letter_wrong": sum(t and not k for t, k in zip(text, letter)) / count}
 
 
+def question_options(query: SampleInputs) -> list[str]:
+    """The lettered options ("(A) red", ...) of the last user turn, one per line as `bench_q_prompt` writes them."""
+    last = [turn for turn in query.text if turn["role"] == "user"][-1]["content"]
+    return [line.strip() for line in last.splitlines() if re.match(r"\([A-Z]\) ", line.strip())]
+
+
+def per_type(flags: list[tuple[str, bool]]) -> dict[str, float]:
+    """Mean of each type's flags, types in first-seen order."""
+    grouped = defaultdict(list)
+    for kind, flag in flags:
+        grouped[kind].append(flag)
+    return {kind: sum(v) / len(v) for kind, v in grouped.items()}
+
+
 def select(test: list, tasks: str | None, limit: int | None) -> list:
     """The records of `tasks` (comma-separated; all when None), the first `limit` of each task."""
     if tasks:
@@ -104,6 +121,7 @@ def main() -> None:
     parser.add_argument("--image-choice", action="store_true", help="a split with image multiple choice")
     parser.add_argument("--tasks", help="comma-separated tasks to score (default: all), e.g. multiple_choice,category")
     parser.add_argument("--limit", type=int, default=None, help="score at most this many records per task")
+    parser.add_argument("--no-ranking", action="store_true", help="skip option_ranking (a forward pass per option)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -116,18 +134,26 @@ def main() -> None:
         result["category"] = category_accuracy(model, processor, [s for s in test if s.task == "category"])
     answer = PixelReferModel(model, processor, max_new_tokens=24)
     hits, choices, answers, captions = defaultdict(list), defaultdict(list), defaultdict(list), ([], [])
+    texts, ranked = defaultdict(list), defaultdict(list)
     for task in sorted({s.task for s in test} - {"category", "detailed_caption"}):
         samples = [s for s in test if s.task == task]
         for start in range(0, len(samples), args.batch_size):
             chunk = samples[start : start + args.batch_size]
             asked = [first_question(s) for s in chunk]
-            for sample, (_, reference), prediction in zip(chunk, asked, answer([q for q, _ in asked])):
+            for sample, (query, reference), prediction in zip(chunk, asked, answer([q for q, _ in asked])):
                 hits[task].append(exact_match(prediction, reference))
                 if task in ("multiple_choice", "image_choice"):
                     truth = sample.meta.get("Answer", reference)
                     answers[task].append((prediction, truth))
-                    choices[task].append(score_item(sample.id, prediction, truth, type=sample.meta.get("type", ""),
+                    kind = sample.meta.get("type", "")
+                    choices[task].append(score_item(sample.id, prediction, truth, type=kind,
                                                     options=sample.meta.get("options")))
+                    texts[task].append((kind, option_text(prediction) == option_text(reference)))
+                    if not args.no_ranking:
+                        options = question_options(query)
+                        losses = answer.answer_losses(query, options)
+                        best = options[losses.index(min(losses))] if options else ""
+                        ranked[task].append((kind, best == " ".join(reference.split())))
                 elif task == "short_caption":
                     captions[0].append(prediction)
                     captions[1].append(reference)
@@ -135,7 +161,10 @@ def main() -> None:
     for task, items in sorted(choices.items()):
         scores = choice_scores(items)
         result[task] = {"accuracy": scores.overall, "per_type": scores.per_type, "questions": scores.count,
-                        **split_choice(*zip(*answers[task]))}
+                        **split_choice(*zip(*answers[task])), "per_type_option_text": per_type(texts[task])}
+        if ranked[task]:
+            result[task]["option_ranking"] = sum(flag for _, flag in ranked[task]) / len(ranked[task])
+            result[task]["per_type_option_ranking"] = per_type(ranked[task])
     if captions[0]:
         metrics = caption_scores(captions[0], captions[1], meteor=False)
         result["short_caption_metrics"] = {k: v for k, v in vars(metrics).items() if isinstance(v, float)}

@@ -171,3 +171,16 @@ def test_shapesworld_accuracy_separates_option_text_from_letter():
                                                               "text_right_letter_wrong": 0.25}
     with pytest.raises(ValueError):
         accuracy.split_choice(predictions[:1], references)
+
+
+def test_shapesworld_accuracy_reads_a_questions_options_and_groups_flags_by_type():
+    from pixelrefer.data.formats import bench_q_prompt
+    from pixelrefer.data.sample import SampleInputs
+
+    accuracy = _script("shapesworld_accuracy")
+    options = ["(A) it moves left", "(B) it stays still", "(C) red"]
+    query = SampleInputs([{"role": "user", "content": "What is <region>?"}, {"role": "assistant", "content": "a"},
+                          {"role": "user", "content": bench_q_prompt("Which one (A) is it?", options)}], None, None, [])
+    assert accuracy.question_options(query) == options
+    flags = [("Basic", True), ("Future", False), ("Basic", False), ("Basic", True)]
+    assert accuracy.per_type(flags) == {"Basic": pytest.approx(2 / 3), "Future": 0.0}

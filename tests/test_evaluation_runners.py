@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from pycocotools import mask as coco_mask
 
 from pixelrefer.data import generate_shapesworld
@@ -249,6 +250,24 @@ def test_the_adapter_answers_a_batch_as_it_answers_each_query_alone(world):
     batched = adapter(picked)
     assert batched == [adapter([item])[0] for item in picked]
     assert all(isinstance(a, str) for a in batched)
+
+
+@pytest.mark.parametrize("framework", ["vision_object", "object_only"])
+def test_answer_losses_are_each_answers_summed_loss_after_the_query(world, framework):
+    """One batch of answers of different lengths gives, per answer, its loss alone times its label count."""
+    model, processor = build(framework)
+    adapter = PixelReferModel(model, processor)
+    query = next(q for q in load_queries("shapesworld", world[0]) if q.sample.is_video).load()
+    answers = ["(A) red", "(B) it moves left and then disappears"]
+    batched = adapter.answer_losses(query, answers)
+    for answer, loss in zip(answers, batched):
+        text, image, video, masks = query
+        batch = processor(text=[list(text) + [{"role": "assistant", "content": answer}]], images=[image],
+                          videos=[video], masks=[list(masks)])
+        with torch.no_grad():
+            mean = model(**batch).loss
+        assert loss == pytest.approx(float(mean) * int((batch["labels"][:, 1:] != -100).sum()), rel=1e-4)
+    assert adapter.answer_losses(query, []) == []
 
 
 def test_shapesworld_end_to_end_with_the_tiny_model(world, tmp_path):

@@ -54,6 +54,23 @@ class PixelReferModel:
         new_tokens = output[:, batch["input_ids"].shape[1] :].cpu()  # (B, T) after the left-padded prompts
         return self.processor.batch_decode(new_tokens)
 
+    @torch.no_grad()
+    def answer_losses(self, query: SampleInputs, answers: Sequence[str]) -> list[float]:
+        """Summed next-token loss (nats) of each answer as the assistant turn after `query`'s conversation,
+        in one batch: ranking lettered options by it scores what the model knows regardless of the letter it
+        would write first (the log-likelihood scoring of lm-eval-harness)."""
+        if not answers:
+            return []
+        text, image, video, masks = query
+        conversations = [list(text) + [{"role": "assistant", "content": answer}] for answer in answers]
+        count = len(answers)
+        batch = self.processor(text=conversations, images=[image] * count, videos=[video] * count,
+                               masks=[list(masks)] * count).to(self.model.device)
+        logits = self.model(**batch).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
+        return (losses * (labels != -100)).sum(1).tolist()
+
 
 def resolve_model_name(name: str) -> str:
     """`auto` → `shapes-tiny` when the package ships it, else the `tiny` preset; other names unchanged."""
