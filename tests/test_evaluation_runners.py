@@ -342,7 +342,7 @@ def test_shapesworld_test_split_is_reused_only_at_the_same_parameters_and_versio
 
     calls = []
     monkeypatch.setattr(runners, "generate_shapesworld", lambda folder, **kw: calls.append(kw) or {"test": "new"})
-    wanted = dict(seed=3, num_images=10, num_videos=2)
+    wanted = dict(seed=3, num_images=10, num_videos=2, image_choice=False)
     (tmp_path / "test.json").write_text("[]")
     info = tmp_path / "info.json"
     info.write_text(json.dumps(dict(wanted, version=VERSION)))

@@ -151,6 +151,21 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     np.testing.assert_allclose(ddp["losses"], single, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["shapes-tiny", "shapes-tiny-lite"])
+def test_the_shipped_models_were_trained_with_their_preset(name):
+    """`pixelrefer train --preset NAME` is the recipe of the embedded checkpoint: its saved TrainConfig is the
+    preset's, field for field (the output folder aside)."""
+    import dataclasses
+
+    from pixelrefer.inference import ASSETS
+    from pixelrefer.training import TrainConfig, preset_config
+
+    shipped = dataclasses.asdict(TrainConfig.load(ASSETS / name / "train_config.json"))
+    preset = dataclasses.asdict(preset_config(name))
+    assert {k: v for k, v in shipped.items() if k != "output_dir"} == {
+        k: v for k, v in preset.items() if k != "output_dir"}
+
+
 def test_presets_and_the_train_command_generate_shapesworld_and_train(tmp_path, capsys):
     from pixelrefer.cli import main
     from pixelrefer.training import TRAIN_PRESETS, preset_config
@@ -165,6 +180,8 @@ def test_presets_and_the_train_command_generate_shapesworld_and_train(tmp_path, 
     overrides = dict(tiny_overrides(), freeze_vision_encoder=False)
     code = main(["train", "--preset", "shapes-tiny-lite", "--set", f"output_dir={out}", "--set", "steps=2",
                  "--set", "vision_pretrain_steps=2", "--set", "lr_vision_encoder=2e-4", "--set", "batch_size=2",
+                 "--set", "llm_pretrain_steps=2", "--set", "llm_pretrain_batch_size=2", "--set", "text_choice_records=4",
+                 "--set", "task_weights={}",
                  "--set", 'shapesworld={"seed": 1, "num_images": 6, "num_videos": 2, "image_choice": true}',
                  "--set", f"model_overrides={json.dumps(overrides)}"])
     assert code == 0 and "2 steps" in capsys.readouterr().out
@@ -180,6 +197,7 @@ def test_presets_and_the_train_command_generate_shapesworld_and_train(tmp_path, 
     code = main(["train", "--preset", "shapes-tiny", "--set", f"output_dir={tmp_path / 'llm-only'}", "--set",
                  "steps=0", "--set", "vision_pretrain_steps=0", "--set", "llm_pretrain_steps=2", "--set",
                  "batch_size=2", "--set", 'shapesworld={"seed": 1, "num_images": 6, "num_videos": 2}',
+                 "--set", "llm_pretrain_batch_size=2", "--set", "text_choice_records=0", "--set", "task_weights={}",
                  "--set", f"model_overrides={json.dumps(tiny_overrides())}"])
     assert code == 0 and "0 steps, " in capsys.readouterr().out
     assert (tmp_path / "llm-only" / "final" / "model.safetensors").exists()

@@ -107,7 +107,7 @@ def test_sam2_masks_go_through_both_frameworks(shapes_clip, propagated, backend,
 @pytest.mark.parametrize("model_name", ["shapes-tiny", "shapes-tiny-lite"])
 def test_embedded_models_name_the_colours_of_objects_in_a_decoded_clip(shapes_clip, model_name):
     """Colours across time, through MP4 decoding and sampling. On five in-memory ShapesWorld videos the shipped
-    models name 16/19 (shapes-tiny) and 18/19 (shapes-tiny-lite) colours; a broken video path names few."""
+    models name 18/19 colours each; a broken video path names few."""
     _, masks, clip = shapes_clip
     model, processor = pixelrefer.load(model_name)
     answers = {}

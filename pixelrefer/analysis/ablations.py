@@ -54,7 +54,7 @@ from pixelrefer.data import generate_shapesworld, load_annotations
 from pixelrefer.data.sample import SampleInputs
 from pixelrefer.evaluation.category import exact_match
 from pixelrefer.evaluation.models import PixelReferModel
-from pixelrefer.training import TrainConfig, atomic_write_text, preset_config, train
+from pixelrefer.training import SHORT_RUN, TrainConfig, atomic_write_text, preset_config, train
 
 CATEGORY_PROMPT = "<image>\nWhat is the category of <region>? Using only one word or phrase."
 SMALL_SIZES = ("tiny", "small")
@@ -183,6 +183,7 @@ def variant_config(variant: Variant, settings: AblationSettings, train_data: Pat
     vision = dict(freeze_vision_encoder=encoder is not None)
     return dataclasses.replace(
         base,
+        **SHORT_RUN,
         framework=variant.framework,
         model_overrides={**base.model_overrides, **variant.overrides, **vision},
         vision_pretrain_steps=0,
