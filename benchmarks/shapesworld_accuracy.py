@@ -14,7 +14,10 @@
   model knows whatever letter it writes first (`--no-ranking` skips it: one forward pass per option);
 - short_caption_metrics: BLEU / ROUGE-L / CIDEr of the short captions (METEOR off: Java start-up);
   short_caption_words: how often a short caption names its object's colour and its category (the one colour /
-  category word of the reference, and no other one).
+  category word of the reference, and no other one);
+- video_caption_words: the same for every question of each test video caption ("What does <object1><region>
+  do?", earlier answers given): its motion word (left / right / up / down / still), its event words (appears /
+  disappears, or none), colour and category: does the model see how an object moves.
 
 The test split is the one the shipped models were trained beside (`shapesworld_test_split` defaults).
 """
@@ -33,7 +36,7 @@ import pixelrefer
 from pixelrefer.analysis.ablations import category_accuracy
 from pixelrefer.data import load_annotations
 from pixelrefer.data.sample import SampleInputs
-from pixelrefer.data.scenes import COLOURS
+from pixelrefer.data.scenes import COLOURS, EVENTS, MOTIONS
 from pixelrefer.data.tasks import SHAPE_NAMES
 from pixelrefer.evaluation.captions import caption_scores
 from pixelrefer.evaluation.category import exact_match
@@ -42,11 +45,27 @@ from pixelrefer.evaluation.models import PixelReferModel
 from pixelrefer.evaluation.runners import shapesworld_test_split
 
 
-def first_question(sample) -> tuple[SampleInputs, str]:
-    text, image, video, masks = sample.load_media()
-    k = next(i for i, turn in enumerate(text) if turn["role"] == "assistant")
+def nth_question(sample, n: int, media=None) -> tuple[SampleInputs, str]:
+    """The sample up to its n-th answer (earlier answers are the references, as in training), with the masks its
+    `<region>`s use so far; and that answer. `media`: the sample's `load_media()`, when already loaded."""
+    text, image, video, masks = media or sample.load_media()
+    answers = [i for i, turn in enumerate(text) if turn["role"] == "assistant"]
+    if not 0 <= n < len(answers):
+        raise IndexError(f"record {sample.id!r} has {len(answers)} answer(s); asked for answer {n}")
+    k = answers[n]
     used = sum(turn["content"].count("<region>") for turn in text[:k])
     return SampleInputs(text[:k], image, video, masks[:used]), text[k]["content"]
+
+
+def first_question(sample) -> tuple[SampleInputs, str]:
+    return nth_question(sample, 0)
+
+
+def every_question(sample) -> list[tuple[SampleInputs, str]]:
+    """`nth_question` for each answer of a multi-turn record (a video caption asks about each object in turn)."""
+    media = sample.load_media()
+    count = sum(turn["role"] == "assistant" for turn in media[0])
+    return [nth_question(sample, n, media) for n in range(count)]
 
 
 def named_words(predictions: list[str], references: list[str], vocabulary) -> float:
@@ -55,6 +74,15 @@ def named_words(predictions: list[str], references: list[str], vocabulary) -> fl
     for prediction, reference in zip(predictions, references, strict=True):
         wanted = set(reference.lower().split()) & vocabulary
         right += len(wanted) == 1 and set(prediction.lower().split()) & vocabulary == wanted
+    return right / max(len(predictions), 1)
+
+
+def same_words(predictions: list[str], references: list[str], vocabulary) -> float:
+    """Fraction of predictions holding exactly the reference's words of `vocabulary` (none when it has none):
+    for the event words of a motion caption ("appears", "disappears"), which most captions do not have."""
+    vocabulary = set(vocabulary)
+    right = sum(set(p.lower().split()) & vocabulary == set(r.lower().split()) & vocabulary
+                for p, r in zip(predictions, references, strict=True))
     return right / max(len(predictions), 1)
 
 
@@ -134,6 +162,7 @@ def main() -> None:
         result["category"] = category_accuracy(model, processor, [s for s in test if s.task == "category"])
     answer = PixelReferModel(model, processor, max_new_tokens=24)
     hits, choices, answers, captions = defaultdict(list), defaultdict(list), defaultdict(list), ([], [])
+    motions = ([], [])
     texts, ranked = defaultdict(list), defaultdict(list)
     for task in sorted({s.task for s in test} - {"category", "detailed_caption"}):
         samples = [s for s in test if s.task == task]
@@ -157,6 +186,10 @@ def main() -> None:
                 elif task == "short_caption":
                     captions[0].append(prediction)
                     captions[1].append(reference)
+            if task == "video_caption":
+                asked = [pair for sample in chunk for pair in every_question(sample)]
+                motions[0].extend(answer([q for q, _ in asked]))
+                motions[1].extend(r for _, r in asked)
     result["exact_match"] = {task: {"accuracy": sum(v) / len(v), "records": len(v)} for task, v in hits.items()}
     for task, items in sorted(choices.items()):
         scores = choice_scores(items)
@@ -170,6 +203,11 @@ def main() -> None:
         result["short_caption_metrics"] = {k: v for k, v in vars(metrics).items() if isinstance(v, float)}
         result["short_caption_words"] = {"colour": named_words(*captions, COLOURS),
                                          "category": named_words(*captions, SHAPE_NAMES), "captions": len(captions[0])}
+    if motions[0]:
+        result["video_caption_words"] = {
+            "motion": named_words(*motions, MOTIONS), "event": same_words(*motions, EVENTS),
+            "colour": named_words(*motions, COLOURS), "category": named_words(*motions, SHAPE_NAMES),
+            "questions": len(motions[0])}
     result["seconds"] = time.perf_counter() - started
     print(json.dumps(result, indent=1))
 

@@ -150,6 +150,34 @@ def test_shapesworld_accuracy_counts_named_colour_and_category_words():
         named_words(predictions[:2], references, {"red"})
 
 
+def test_shapesworld_accuracy_counts_motion_and_event_words():
+    same_words = _script("shapesworld_accuracy").same_words
+    references = ["the red circle appears and then moves left", "the blue star stays still", "the green ring moves up"]
+    predictions = ["the red circle moves left", "the blue star stays still", "the green ring disappears"]
+    assert same_words(predictions, references, {"appears", "disappears"}) == 1 / 3, "a missing or extra event"
+    assert _script("shapesworld_accuracy").named_words(predictions, references, {"left", "still", "up"}) == 2 / 3
+    with pytest.raises(ValueError):
+        same_words(predictions[:1], references, {"appears"})
+
+
+def test_shapesworld_accuracy_asks_every_turn_with_the_earlier_answers(tmp_path):
+    from pixelrefer.data import generate_shapesworld, load_annotations
+
+    files = generate_shapesworld(tmp_path, seed=3, num_images=1, num_videos=2, splits=(1.0, 0.0, 0.0))
+    accuracy = _script("shapesworld_accuracy")
+    record = next(s for s in load_annotations(files["train"], tmp_path) if s.task == "video_caption")
+    text = record.load_media()[0]
+    asked = accuracy.every_question(record)
+    assert len(asked) == sum(turn["role"] == "assistant" for turn in text) >= 2
+    for n, (query, reference) in enumerate(asked):
+        assert reference == [t for t in text if t["role"] == "assistant"][n]["content"]
+        assert query.text[-1]["role"] == "user" and len(query.masks) == n + 1, "one object per caption question"
+        assert [t["content"] for t in query.text if t["role"] == "assistant"] == [r for _, r in asked[:n]]
+    assert accuracy.first_question(record)[1] == asked[0][1]
+    with pytest.raises(IndexError, match=record.id):
+        accuracy.nth_question(record, len(asked))
+
+
 def test_shapesworld_accuracy_selects_tasks_and_limits_records():
     accuracy = _script("shapesworld_accuracy")
     test = [type("S", (), {"task": task})() for task in ["category", "multiple_choice", "category", "short_caption",
