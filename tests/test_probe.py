@@ -127,3 +127,71 @@ def test_object_tokens_locate_objects_only_with_a_scaled_position_encoding(tmp_p
         fit, held = (object_features(model, processor, part, stage="tokens")[0] for part in (train, test))
         scores[std] = location_r2((fit, object_centres(train)), (held, object_centres(test)))
     assert scores[None] < 0.3 and scores[3.0] > 0.8, scores
+
+
+def test_trajectory_motion_names_the_axis_travelled_most_or_still():
+    from pixelrefer.analysis.probe import trajectory_motion
+
+    frames = torch.arange(8)
+    size = (128, 256)  # (height, width): x fractions are of 256 pixels
+
+    def path(dx, dy):  # pixels a frame
+        return torch.stack([0.5 + dx * frames / 256, 0.5 + dy * frames / 128], 1).double()
+
+    assert trajectory_motion(frames, path(-2, 0.5), size) == "left"
+    assert trajectory_motion(frames, path(3, -1), size) == "right"
+    assert trajectory_motion(frames, path(0.2, -2), size) == "up"
+    assert trajectory_motion(frames[3:], path(0, 4)[3:], size) == "down", "a track that appears late"
+    assert trajectory_motion(frames, path(0.5, -0.5), size) == "still", "under one pixel a frame"
+    assert trajectory_motion(frames[:1], path(4, 0)[:1], size) == "still", "one frame shows no motion"
+
+
+def _tracks(features, centres, motions, frames=8):
+    from pixelrefer.analysis.probe import TrackFeatures
+
+    count = len(motions)
+    return TrackFeatures(features, centres, torch.arange(count).repeat_interleave(frames),
+                         torch.arange(frames).repeat(count), motions, (128, 128))
+
+
+def test_motion_readout_reads_motion_from_located_features_and_not_from_noise():
+    from pixelrefer.analysis.probe import motion_readout
+
+    g = torch.Generator().manual_seed(0)
+    steps = {"left": (-3, 0), "right": (3, 0), "up": (0, -3), "down": (0, 3), "still": (0, 0)}
+    motions = [list(steps)[i % 5] for i in range(100)]
+    start = torch.rand(100, 1, 2, generator=g, dtype=torch.float64) * 0.5 + 0.25
+    velocity = torch.tensor([steps[m] for m in motions], dtype=torch.float64)[:, None] / 128
+    centres = (start + velocity * torch.arange(8, dtype=torch.float64)[None, :, None]).reshape(-1, 2)
+    located = (centres @ torch.randn(2, 16, generator=g, dtype=torch.float64)).float()
+    located += 0.001 * torch.randn(located.shape, generator=g)
+    train, test = _tracks(located[:560], centres[:560], motions[:70]), _tracks(located[560:], centres[560:], motions[70:])
+    result = motion_readout(train, test)
+    assert result["tokens"] > 0.95 and result["centres"] == 1.0 and result["location_r2"] > 0.99
+    assert result["tracks"] == 30 and result["majority"] == pytest.approx(6 / 30)
+
+    noise = torch.randn(800, 16, generator=g)
+    blind = motion_readout(_tracks(noise[:560], centres[:560], motions[:70]),
+                           _tracks(noise[560:], centres[560:], motions[70:]))
+    assert blind["tokens"] < 0.5 and blind["centres"] == 1.0 and blind["location_r2"] < 0.1
+
+
+def test_track_features_give_one_unit_per_frame_an_object_is_seen(tmp_path):
+    """On ShapesWorld videos: every (object, frame) with a non-empty mask, in track order, and the true
+    centroids name every track's motion; a random model at position_init_std=3 already locates its units."""
+    from pixelrefer.analysis.probe import motion_readout, track_features
+    from pixelrefer.data import generate_shapesworld, load_annotations
+
+    paths = generate_shapesworld(tmp_path, seed=3, num_images=1, num_videos=6, splits=(1.0, 0.0, 0.0))
+    records = [s for s in load_annotations(paths["train"], tmp_path) if s.task == "video_caption"]
+    model, processor = build("object_only", position_init_std=3.0)
+    tracks = track_features(model, processor, records)
+    labelled = [o["motion"] for r in records for o in r.meta["objects"]]
+    assert tracks.motions == labelled
+    seen = [sum(bool(torch.as_tensor(m).any()) for m in spec.values()) for r in records for spec in r.load_media()[3]]
+    assert torch.bincount(tracks.track).tolist() == seen
+    assert tracks.features.shape == (sum(seen), model.config.text_config.hidden_size) and tracks.frame_size == (128, 128)
+    result = motion_readout(tracks, tracks)
+    assert result["centres"] == 1.0 and result["location_r2"] > 0.5
+    with pytest.raises(ValueError, match="motion label"):
+        track_features(model, processor, [s for s in load_annotations(paths["train"], tmp_path) if s.image])

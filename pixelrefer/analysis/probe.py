@@ -18,6 +18,14 @@ Notable:
   on another: near 1 the features locate the object, at or below 0 they
   carry no location. Relations, motion and the video questions about them
   need it (README, "Object tokens that know where").
+- `track_features` and `motion_readout`: the same question over time. Per
+  (object, frame) of video records, the mean object token and the mask
+  centroid; a ridge regression token → centroid fitted on one set of tracks
+  turns each test track into a trajectory, and its straight-line fit names a
+  motion (left, right, up, down, still) the way ShapesWorld does. Read from
+  the true centroids the rule is near exact, so a low score from the tokens
+  means the tokens do not carry motion, and a high one beside a model that
+  cannot caption motion means its LLM does not read it.
 - `variance_share` is the fraction of the features' total variance that an
   attribute's class means explain (R²): linear readability says a signal is
   there, its share says how loud it is next to the others.
@@ -147,6 +155,98 @@ def location_r2(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tens
     weights = torch.linalg.solve(x.T @ x + ridge * torch.eye(x.shape[1], dtype=x.dtype), x.T @ (y - offset))
     residual = ((x_test @ weights + offset - y_test) ** 2).sum()
     return float(1 - residual / ((y_test - y_test.mean(0)) ** 2).sum())
+
+
+@dataclass
+class TrackFeatures:
+    """Per (object, frame) unit of some video records: its mean object token, its mask centroid (x, y as
+    fractions of the frame), the track it belongs to and its frame; per track, its labelled motion."""
+
+    features: torch.Tensor  # (units, D)
+    centres: torch.Tensor  # (units, 2) float64
+    track: torch.Tensor  # (units,) long, index into `motions`
+    frame: torch.Tensor  # (units,) long
+    motions: list[str]
+    frame_size: tuple[int, int]  # (height, width) of the frames
+
+
+@torch.no_grad()
+def track_features(model, processor, samples: Sequence) -> TrackFeatures:
+    """`TrackFeatures` of every video record of `samples` whose objects carry a `motion` label (ShapesWorld
+    video captions): each object alone in a prompt, as the tokens of one video `<region>`."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    features, centres, track, frame, motions, size = [], [], [], [], [], None
+    for sample in samples:
+        objects = getattr(sample, "meta", {}).get("objects") or []
+        if not getattr(sample, "is_video", False) or not objects or not all("motion" in o for o in objects):
+            continue
+        _, _, video, masks = sample.load_media()
+        if len(masks) != len(objects):
+            raise ValueError(f"{sample.where}: {len(masks)} masks but {len(objects)} labelled objects")
+        for k, (spec, info) in enumerate(zip(masks, objects)):
+            frames = sorted(int(t) for t, m in spec.items() if torch.as_tensor(m).any())
+            if not frames:
+                raise ValueError(f"{sample.where}, object {k}: every frame's mask is empty")
+            spec = {t: spec[t] if t in spec else spec[str(t)] for t in frames}
+            prompt = [{"role": "user", "content": "<video>\nWhat does <region> do?"}]
+            encoded = processor(text=[prompt], images=[None], videos=[video], masks=[[spec]])
+            regions = {key: v.to(device) for key, v in encoded.items() if key.startswith("region_") and torch.is_tensor(v)}
+            out = model.get_object_features(**regions)
+            valid = out.valid.to(out.tokens.dtype)[..., None]
+            features.append(((out.tokens * valid).sum(1) / valid.sum(1).clamp(min=1)).float().cpu())
+            height, width = next(iter(spec.values())).shape[-2:]
+            size = (int(height), int(width))
+            for t in frames:
+                rows, cols = torch.as_tensor(spec[t]).squeeze().nonzero(as_tuple=True)
+                centres.append([(cols.double().mean() + 0.5) / width, (rows.double().mean() + 0.5) / height])
+            track += [len(motions)] * len(frames)
+            frame += frames
+            motions.append(info["motion"])
+    model.train(was_training)
+    if not motions:
+        raise ValueError("no video record whose objects carry a motion label (ShapesWorld video captions)")
+    return TrackFeatures(torch.cat(features), torch.tensor(centres, dtype=torch.float64), torch.tensor(track),
+                         torch.tensor(frame), motions, size)
+
+
+def trajectory_motion(frames: torch.Tensor, centres: torch.Tensor, frame_size: tuple[int, int],
+                      still_speed: float = 1.0) -> str:
+    """The motion a straight-line fit of (frame, centre) names: "still" when it travels under `still_speed`
+    pixels a frame on both axes (ShapesWorld's movers travel 2 to 4), else the axis it travels most along."""
+    t = frames.double() - frames.double().mean()
+    if len(t) < 2:
+        return "still"
+    pixels = centres.double() * torch.tensor([frame_size[1], frame_size[0]], dtype=torch.float64)
+    velocity = (t[:, None] * (pixels - pixels.mean(0))).sum(0) / (t**2).sum()  # (vx, vy) pixels a frame
+    if velocity.abs().max() < still_speed:
+        return "still"
+    if velocity[0].abs() >= velocity[1].abs():
+        return "right" if velocity[0] > 0 else "left"
+    return "down" if velocity[1] > 0 else "up"
+
+
+def motion_readout(train: TrackFeatures, test: TrackFeatures, *, ridge: float = 1.0) -> dict[str, float]:
+    """How well `test`'s tokens give its tracks' motions: "tokens", through a ridge regression token → centre
+    fitted on `train`; "centres", the same rule on the true centroids (its ceiling); "location_r2" of that
+    regression on `test`'s units; "majority", the share of the most common motion (chance)."""
+    x, y = train.features.double(), train.centres
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    x = (x - mean) / std
+    offset = y.mean(0)
+    weights = torch.linalg.solve(x.T @ x + ridge * torch.eye(x.shape[1], dtype=x.dtype), x.T @ (y - offset))
+    predicted = ((test.features.double() - mean) / std) @ weights + offset
+    residual = ((predicted - test.centres) ** 2).sum()
+    r2 = float(1 - residual / ((test.centres - test.centres.mean(0)) ** 2).sum())
+    hits = {"tokens": [], "centres": []}
+    for index, motion in enumerate(test.motions):
+        rows = test.track == index
+        hits["tokens"].append(trajectory_motion(test.frame[rows], predicted[rows], test.frame_size) == motion)
+        hits["centres"].append(trajectory_motion(test.frame[rows], test.centres[rows], test.frame_size) == motion)
+    majority = max(test.motions.count(m) for m in set(test.motions)) / len(test.motions)
+    return {"tokens": sum(hits["tokens"]) / len(test.motions), "centres": sum(hits["centres"]) / len(test.motions),
+            "location_r2": r2, "majority": majority, "tracks": len(test.motions)}
 
 
 def variance_share(features: torch.Tensor, labels: list[dict], attribute: str) -> float:
