@@ -212,3 +212,13 @@ def test_shapesworld_accuracy_reads_a_questions_options_and_groups_flags_by_type
     assert accuracy.question_options(query) == options
     flags = [("Basic", True), ("Future", False), ("Basic", False), ("Basic", True)]
     assert accuracy.per_type(flags) == {"Basic": pytest.approx(2 / 3), "Future": 0.0}
+
+
+def test_motion_readout_script_reports_the_readout_of_an_embedded_model(tmp_path):
+    done = subprocess.run([sys.executable, "benchmarks/motion_readout.py", "--model", "shapes-tiny-lite", "--data",
+                           str(tmp_path), "--num-images", "2", "--num-videos", "20", "--train-records", "8",
+                           "--threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["model"] == "shapes-tiny-lite" and report["tracks"] >= 2 and report["train_tracks"] >= 8
+    assert report["centres"] == 1.0 and 0 <= report["tokens"] <= 1 and 0 <= report["location_share"] <= 1

@@ -195,3 +195,22 @@ def test_track_features_give_one_unit_per_frame_an_object_is_seen(tmp_path):
     assert result["centres"] == 1.0 and result["location_r2"] > 0.5
     with pytest.raises(ValueError, match="motion label"):
         track_features(model, processor, [s for s in load_annotations(paths["train"], tmp_path) if s.image])
+
+
+def test_location_share_is_the_part_of_the_raw_variance_location_explains():
+    from pixelrefer.analysis.probe import location_share
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.rand(400, 2, generator=g, dtype=torch.float64)
+    located = centres @ torch.randn(2, 8, generator=g, dtype=torch.float64)
+    other = torch.randn(400, 8, generator=g, dtype=torch.float64)
+    assert location_share(located, centres) == pytest.approx(1.0)
+    assert location_share(other, centres) < 0.05
+    quiet = location_share(located + 10 * other, centres)
+    assert 0 < quiet < 0.05, "readable but quiet: ten times louder noise beside it"
+    # per group: an offset per group is not location within the group
+    groups = torch.arange(400) // 8
+    shifted = located + 100 * torch.randn(50, 8, generator=g, dtype=torch.float64)[groups]
+    assert location_share(shifted, centres) < 0.01 and location_share(shifted, centres, groups) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="differ in count"):
+        location_share(located[:10], centres)

@@ -26,6 +26,11 @@ Notable:
   the true centroids the rule is near exact, so a low score from the tokens
   means the tokens do not carry motion, and a high one beside a model that
   cannot caption motion means its LLM does not read it.
+- `location_share`: how loud location is, the part of the features' raw
+  variance a linear function of the centroid explains; with `groups` (a
+  track per unit) only the variance within each track, where motion lives.
+  A readout can be near exact while the share is a few percent: standardised
+  regressions hear quiet directions that the LLM's dot products do not.
 - `variance_share` is the fraction of the features' total variance that an
   attribute's class means explain (R²): linear readability says a signal is
   there, its share says how loud it is next to the others.
@@ -230,7 +235,8 @@ def trajectory_motion(frames: torch.Tensor, centres: torch.Tensor, frame_size: t
 def motion_readout(train: TrackFeatures, test: TrackFeatures, *, ridge: float = 1.0) -> dict[str, float]:
     """How well `test`'s tokens give its tracks' motions: "tokens", through a ridge regression token → centre
     fitted on `train`; "centres", the same rule on the true centroids (its ceiling); "location_r2" of that
-    regression on `test`'s units; "majority", the share of the most common motion (chance)."""
+    regression on `test`'s units; "location_share" (overall and within tracks) of `test`'s units, how loud
+    location is; "majority", the share of the most common motion (chance)."""
     x, y = train.features.double(), train.centres
     mean, std = x.mean(0), x.std(0) + 1e-6
     x = (x - mean) / std
@@ -246,7 +252,30 @@ def motion_readout(train: TrackFeatures, test: TrackFeatures, *, ridge: float = 
         hits["centres"].append(trajectory_motion(test.frame[rows], test.centres[rows], test.frame_size) == motion)
     majority = max(test.motions.count(m) for m in set(test.motions)) / len(test.motions)
     return {"tokens": sum(hits["tokens"]) / len(test.motions), "centres": sum(hits["centres"]) / len(test.motions),
-            "location_r2": r2, "majority": majority, "tracks": len(test.motions)}
+            "location_r2": r2, "location_share": location_share(test.features, test.centres),
+            "location_share_within_tracks": location_share(test.features, test.centres, test.track),
+            "majority": majority, "tracks": len(test.motions)}
+
+
+def location_share(features: torch.Tensor, centres: torch.Tensor, groups: torch.Tensor | None = None) -> float:
+    """Fraction of the raw variance of `features` (units, D) that a least-squares linear function of `centres`
+    (units, 2) explains; with `groups` ((units,) ids) both are centred within each group first."""
+    if features.shape[0] != centres.shape[0] or (groups is not None and groups.shape[0] != features.shape[0]):
+        raise ValueError(f"features, centres and groups differ in count: {features.shape[0]}, {centres.shape[0]}"
+                         f"{'' if groups is None else f', {groups.shape[0]}'}")
+    x, c = features.double(), centres.double()
+    if groups is None:
+        x, c = x - x.mean(0), c - c.mean(0)
+    else:
+        ids = torch.unique(groups, return_inverse=True)[1]
+        counts = torch.bincount(ids).double()[:, None]
+        x = x - (torch.zeros(len(counts), x.shape[1], dtype=x.dtype).index_add_(0, ids, x) / counts)[ids]
+        c = c - (torch.zeros(len(counts), 2, dtype=c.dtype).index_add_(0, ids, c) / counts)[ids]
+    total = (x**2).sum()
+    if total == 0:
+        return 0.0
+    fitted = c @ torch.linalg.lstsq(c, x).solution
+    return float((fitted**2).sum() / total)
 
 
 def variance_share(features: torch.Tensor, labels: list[dict], attribute: str) -> float:

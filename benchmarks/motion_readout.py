@@ -1,0 +1,56 @@
+"""Do a model's per-frame object tokens carry motion, and how loudly? ShapesWorld video tracks, as JSON.
+
+    python benchmarks/motion_readout.py --model shapes-tiny-lite [--data runs/eval-shapesworld]
+        [--train-records 200] [--ridge 1.0]
+
+Each object of each video-caption record is encoded alone; a ridge regression from a unit's mean object token
+to its mask centroid, fitted on the first `--train-records` train records, turns every test track into a
+trajectory whose straight-line fit names a motion (`pixelrefer.analysis.probe.motion_readout`). "centres" is
+that rule on the true centroids; "location_share" how much of the tokens' raw variance location explains
+(overall and within tracks). Compare "tokens" with `video_caption_words.motion` of
+`benchmarks/shapesworld_accuracy.py`: high here and at chance there means the LLM does not read the motion its
+tokens carry. The split is the one the shipped models were trained beside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import pixelrefer
+from pixelrefer.analysis.probe import motion_readout, track_features
+from pixelrefer.data import load_annotations
+from pixelrefer.evaluation.runners import shapesworld_test_split
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="shapes-tiny-lite")
+    parser.add_argument("--data", default="runs/eval-shapesworld", help="folder for the generated splits")
+    parser.add_argument("--num-images", type=int, default=None, help="the split of another image count")
+    parser.add_argument("--num-videos", type=int, default=None, help="the split of another video count")
+    parser.add_argument("--image-choice", action="store_true", help="a split with image multiple choice")
+    parser.add_argument("--train-records", type=int, default=200)
+    parser.add_argument("--ridge", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, processor = pixelrefer.load(args.model)
+    root = shapesworld_test_split(args.data, num_images=args.num_images, num_videos=args.num_videos,
+                                  image_choice=args.image_choice or None).parent
+    videos = {split: [s for s in load_annotations(root / f"{split}.json", root) if s.task == "video_caption"]
+              for split in ("train", "test")}
+    started = time.perf_counter()
+    fitted = track_features(model, processor, videos["train"][: args.train_records])
+    scored = track_features(model, processor, videos["test"])
+    report = {"model": args.model, "train_tracks": len(fitted.motions), **motion_readout(fitted, scored, ridge=args.ridge),
+              "seconds": round(time.perf_counter() - started, 1)}
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
