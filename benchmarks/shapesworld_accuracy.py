@@ -17,7 +17,8 @@
   category word of the reference, and no other one);
 - video_caption_words: the same for every question of each test video caption ("What does <object1><region>
   do?", earlier answers given): its motion word (left / right / up / down / still), its event words (appears /
-  disappears, or none), colour and category: does the model see how an object moves.
+  disappears, or none), colour and category: does the model see how an object moves; and `motion_ranking`,
+  how often the caption with the right motion phrase has the lowest loss of the five (chance 20 %).
 
 The test split is the one the shipped models were trained beside (`shapesworld_test_split` defaults).
 """
@@ -37,7 +38,7 @@ from pixelrefer.analysis.ablations import category_accuracy
 from pixelrefer.data import load_annotations
 from pixelrefer.data.sample import SampleInputs
 from pixelrefer.data.scenes import COLOURS, EVENTS, MOTIONS
-from pixelrefer.data.tasks import SHAPE_NAMES
+from pixelrefer.data.tasks import MOTION_PHRASES, SHAPE_NAMES
 from pixelrefer.evaluation.captions import caption_scores
 from pixelrefer.evaluation.category import exact_match
 from pixelrefer.evaluation.choice import choice_scores, score_item
@@ -84,6 +85,16 @@ def same_words(predictions: list[str], references: list[str], vocabulary) -> flo
     right = sum(set(p.lower().split()) & vocabulary == set(r.lower().split()) & vocabulary
                 for p, r in zip(predictions, references, strict=True))
     return right / max(len(predictions), 1)
+
+
+def motion_variants(caption: str) -> list[str]:
+    """The caption with its motion phrase ("moves left", "stays still") replaced by each of the five, its own
+    first: the candidates `motion_ranking` scores. Empty when the caption names no motion phrase."""
+    phrases = list(MOTION_PHRASES.values())
+    found = [phrase for phrase in phrases if phrase in caption]
+    if len(found) != 1:
+        return []
+    return [caption] + [caption.replace(found[0], other) for other in phrases if other != found[0]]
 
 
 def option_text(answer: str) -> str:
@@ -162,7 +173,7 @@ def main() -> None:
         result["category"] = category_accuracy(model, processor, [s for s in test if s.task == "category"])
     answer = PixelReferModel(model, processor, max_new_tokens=24)
     hits, choices, answers, captions = defaultdict(list), defaultdict(list), defaultdict(list), ([], [])
-    motions = ([], [])
+    motions, motion_ranked = ([], []), []
     texts, ranked = defaultdict(list), defaultdict(list)
     for task in sorted({s.task for s in test} - {"category", "detailed_caption"}):
         samples = [s for s in test if s.task == task]
@@ -190,6 +201,10 @@ def main() -> None:
                 asked = [pair for sample in chunk for pair in every_question(sample)]
                 motions[0].extend(answer([q for q, _ in asked]))
                 motions[1].extend(r for _, r in asked)
+                for query, reference in asked if not args.no_ranking else []:
+                    if variants := motion_variants(reference):
+                        losses = answer.answer_losses(query, variants)
+                        motion_ranked.append(losses.index(min(losses)) == 0)
     result["exact_match"] = {task: {"accuracy": sum(v) / len(v), "records": len(v)} for task, v in hits.items()}
     for task, items in sorted(choices.items()):
         scores = choice_scores(items)
@@ -208,6 +223,8 @@ def main() -> None:
             "motion": named_words(*motions, MOTIONS), "event": same_words(*motions, EVENTS),
             "colour": named_words(*motions, COLOURS), "category": named_words(*motions, SHAPE_NAMES),
             "questions": len(motions[0])}
+        if motion_ranked:
+            result["video_caption_words"]["motion_ranking"] = sum(motion_ranked) / len(motion_ranked)
     result["seconds"] = time.perf_counter() - started
     print(json.dumps(result, indent=1))
 

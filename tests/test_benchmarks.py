@@ -160,6 +160,13 @@ def test_shapesworld_accuracy_counts_motion_and_event_words():
         same_words(predictions[:1], references, {"appears"})
 
 
+def test_shapesworld_accuracy_swaps_the_motion_phrase_of_a_caption():
+    variants = _script("shapesworld_accuracy").motion_variants("the red circle appears and then moves left")
+    assert variants[0] == "the red circle appears and then moves left" and len(set(variants)) == 5
+    assert "the red circle appears and then stays still" in variants
+    assert _script("shapesworld_accuracy").motion_variants("a small red circle") == []
+
+
 def test_shapesworld_accuracy_asks_every_turn_with_the_earlier_answers(tmp_path):
     from pixelrefer.data import generate_shapesworld, load_annotations
 
