@@ -35,6 +35,12 @@ Notable:
   lettered questions in ShapesWorld's words (`pixelrefer.data.text_tasks`, facts about
   `llm_pretrain_max_objects` objects, `llm_pretrain_batch_size` questions a step: the letters arrive in a
   sudden jump that more questions per step bring forward), saved to `llm_pretrain/` and reused like stage 0.
+- Frozen-media stage (`media_stage_steps`), after the main stage: the LLM alone trains on object and vision
+  tokens computed once by the trained encoders (`pixelrefer.cached_media`), on the main stage's records or on
+  a ShapesWorld of its own (`media_stage_shapesworld`). The per-frame object tokens carry where an object is,
+  but the LLM needs thousands of video questions before it compares them across frames (motion, speed, the
+  future); with the encoders frozen each step costs the LLM alone. Saved to `media_stage/` and reused like the
+  other stages; its settings are not part of the main stage's trajectory, so it can follow a finished run.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from pixelrefer.cached_media import LLM_PREFIXES
 from pixelrefer.errors import InputError
 from pixelrefer.inference import load
 from pixelrefer.processing import PixelReferProcessor
@@ -70,7 +77,7 @@ STAGE_LEARNING_RATES = {
 CHECKPOINTS = "checkpoints"
 VISION_PRETRAIN = "vision_pretrain"
 LLM_PRETRAIN = "llm_pretrain"
-LLM_PREFIXES = ("model.language_model.", "lm_head.")
+MEDIA_STAGE = "media_stage"
 
 
 @dataclass
@@ -114,6 +121,11 @@ class TrainConfig:
     llm_pretrain_batch_size: int | None = None  # questions per LLM-stage step; None: batch_size
     task_weights: dict = field(default_factory=dict)  # task → how many times each of its records is in the pool
     text_choice_records: int = 0  # text-only lettered questions added to the main stage's records
+    media_stage_steps: int = 0  # frozen-media stage after the main stage (module docstring); 0 skips it
+    media_stage_lr: float = 3e-4
+    media_stage_batch_size: int = 32
+    media_stage_shapesworld: dict | None = None  # generate_shapesworld kwargs of its own records; None: the main's
+    media_stage_task_weights: dict = field(default_factory=dict)  # as task_weights, for the frozen-media stage
 
     def learning_rates(self) -> dict[str, float]:
         if self.stage not in STAGE_LEARNING_RATES:
@@ -170,8 +182,9 @@ TRAIN_PRESETS["shapes-tiny-lite"] = dict(
     TRAIN_PRESETS["shapes-tiny"], framework="object_only", output_dir="runs/train/shapes-tiny-lite"
 )
 # What the notebooks' and the ablations' short runs change in that recipe: no LLM stage (2000 steps of 128
-# questions), no lettered questions mixed in, and the LLM at the rate of a run with no letters to keep.
-SHORT_RUN = dict(llm_pretrain_steps=0, text_choice_records=0, task_weights={}, lr_llm=1e-3)
+# questions), no lettered questions mixed in, the LLM at the rate of a run with no letters to keep, and no
+# frozen-media stage.
+SHORT_RUN = dict(llm_pretrain_steps=0, text_choice_records=0, task_weights={}, lr_llm=1e-3, media_stage_steps=0)
 
 
 def preset_config(name: str, **overrides) -> TrainConfig:
@@ -591,6 +604,8 @@ class Trainer:
         bar.close()
         final = self.output / "final"
         if self.step == cfg.steps:
+            if cfg.media_stage_steps:
+                self.media_stage()
             self.save_model(final)
             if acc.is_main_process:
                 atomic_write_text(final / "loss_history.json", json.dumps(self.losses))
@@ -616,6 +631,37 @@ class Trainer:
             batch_size=cfg.llm_pretrain_batch_size or cfg.batch_size, seed=cfg.seed, warmup_ratio=cfg.warmup_ratio,
             max_objects=cfg.llm_pretrain_max_objects, autocast=acc.autocast)
         return self._saved_stage(LLM_PRETRAIN, "language_model.safetensors", model, fit, prefixes=LLM_PREFIXES)
+
+    def media_stage(self) -> list[float]:
+        """Frozen-media stage: cache every record's media tokens, then fit the LLM alone on them (main process);
+        loaded everywhere after, and loaded instead of refit when `media_stage/` exists."""
+        from pixelrefer.cached_media import cache_media, train_on_cached_media
+
+        cfg, acc = self.config, self.accelerator
+        model = acc.unwrap_model(self.model)
+
+        def fit() -> list[float]:
+            records = cache_media(model, self.processor, self.media_stage_samples(),
+                                  progress=acc.is_main_process)
+            return train_on_cached_media(
+                model, records, steps=cfg.media_stage_steps, lr=cfg.media_stage_lr,
+                batch_size=cfg.media_stage_batch_size, seed=cfg.seed, warmup_ratio=cfg.warmup_ratio,
+                task_weights=cfg.media_stage_task_weights, autocast=acc.autocast)
+
+        return self._saved_stage(MEDIA_STAGE, "language_model.safetensors", model, fit, prefixes=LLM_PREFIXES)
+
+    def media_stage_samples(self) -> Sequence:
+        """The frozen-media stage's records: its own ShapesWorld (generated once into `output_dir`), else the
+        main stage's."""
+        cfg = self.config
+        if not cfg.media_stage_shapesworld:
+            return self.samples
+        from pixelrefer.data import generate_shapesworld, load_annotations
+
+        root = self.output / f"{MEDIA_STAGE}_shapesworld"
+        if not (root / "train.json").exists():
+            generate_shapesworld(root, **cfg.media_stage_shapesworld)
+        return load_annotations(root / "train.json", root)
 
     def _saved_stage(self, name: str, filename: str, module: torch.nn.Module, fit: Callable[[], list[float]],
                      prefixes: tuple[str, ...] = ("",)) -> list[float]:
@@ -720,6 +766,8 @@ def _trajectory(config: TrainConfig) -> dict:
     fields = dataclasses.asdict(config)
     for name in ("output_dir", "save_every", "steps", "num_workers"):
         fields.pop(name)
+    for name in [name for name in fields if name.startswith("media_stage_")]:
+        fields.pop(name)  # the frozen-media stage comes after the main stage's trajectory
     return fields
 
 

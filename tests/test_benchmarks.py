@@ -229,3 +229,15 @@ def test_motion_readout_script_reports_the_readout_of_an_embedded_model(tmp_path
     report = json.loads(done.stdout)
     assert report["model"] == "shapes-tiny-lite" and report["tracks"] >= 2 and report["train_tracks"] >= 8
     assert report["centres"] == 1.0 and 0 <= report["tokens"] <= 1 and 0 <= report["location_share"] <= 1
+
+
+def test_cached_media_script_times_both_steps_with_equal_losses(tmp_path):
+    done = subprocess.run([sys.executable, "benchmarks/cached_media.py", "--model", "shapes-tiny", "--data",
+                           str(tmp_path), "--num-images", "2", "--num-videos", "20", "--records", "6",
+                           "--batch-size", "3", "--repeats", "1", "--threads", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["records"] == 6 and report["batch_size"] == 3
+    assert all(report["seconds_per_record"][k] > 0 for k in ("full_step", "cached_step", "cache_once"))
+    assert report["max_loss_difference"] < 1e-4

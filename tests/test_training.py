@@ -183,8 +183,11 @@ def test_presets_and_the_train_command_generate_shapesworld_and_train(tmp_path, 
                  "--set", "llm_pretrain_steps=2", "--set", "llm_pretrain_batch_size=2", "--set", "text_choice_records=4",
                  "--set", "task_weights={}",
                  "--set", 'shapesworld={"seed": 1, "num_images": 6, "num_videos": 2, "image_choice": true}',
+                 "--set", "media_stage_steps=2", "--set", "media_stage_batch_size=2",
+                 "--set", 'media_stage_shapesworld={"seed": 2, "num_images": 2, "num_videos": 1}',
                  "--set", f"model_overrides={json.dumps(overrides)}"])
     assert code == 0 and "2 steps" in capsys.readouterr().out
+    assert len(json.loads((out / "media_stage" / "loss_history.json").read_text())) == 2
     assert '"task": "image_choice"' in (out / "shapesworld" / "train.json").read_text()
     assert len(json.loads((out / "final" / "loss_history.json").read_text())) == 2
     assert len(json.loads((out / "vision_pretrain" / "loss_history.json").read_text())) == 2
@@ -198,6 +201,7 @@ def test_presets_and_the_train_command_generate_shapesworld_and_train(tmp_path, 
                  "steps=0", "--set", "vision_pretrain_steps=0", "--set", "llm_pretrain_steps=2", "--set",
                  "batch_size=2", "--set", 'shapesworld={"seed": 1, "num_images": 6, "num_videos": 2}',
                  "--set", "llm_pretrain_batch_size=2", "--set", "text_choice_records=0", "--set", "task_weights={}",
+                 "--set", "media_stage_steps=0",
                  "--set", f"model_overrides={json.dumps(tiny_overrides())}"])
     assert code == 0 and "0 steps, " in capsys.readouterr().out
     assert (tmp_path / "llm-only" / "final" / "model.safetensors").exists()
@@ -452,3 +456,35 @@ def test_task_weights_repeat_records_and_text_questions_join_the_pool(tmp_path):
     assert len(trainer.run().losses) == 2, "image and text-only records train in one batch"
     again = TextChoiceRecord(0, 3).load_media()
     assert again == trainer.samples[9].load_media() and again[1:] == (None, None, [])
+
+
+def test_media_stage_follows_a_finished_run_and_trains_the_llm_alone(tmp_path):
+    from pixelrefer.training import MEDIA_STAGE
+
+    plain = Trainer(config(tmp_path, "media", steps=2), samples())
+    plain.run()
+    main_stage = load_file(tmp_path / "media" / "final" / "model.safetensors")
+    kwargs = dict(steps=2, media_stage_steps=12, media_stage_lr=3e-3, media_stage_batch_size=4,
+                  media_stage_task_weights={"unused": 2})
+    staged = Trainer(config(tmp_path, "media", **kwargs), samples())
+    result = staged.run()  # resumes at the last step, so only the frozen-media stage runs
+    assert result.losses == plain.losses
+    losses = json.loads((tmp_path / "media" / MEDIA_STAGE / "loss_history.json").read_text())
+    assert len(losses) == 12
+    final = load_file(tmp_path / "media" / "final" / "model.safetensors")
+    changed = {k for k in main_stage if not torch.equal(main_stage[k], final[k])}
+    assert changed and all(k.startswith(("model.language_model.", "lm_head.")) for k in changed)
+    again = Trainer(config(tmp_path, "media", **kwargs), samples())
+    assert again.media_stage() == [], "a finished frozen-media stage is loaded, not redone"
+    reloaded = again.accelerator.unwrap_model(again.model).state_dict()
+    assert all(torch.equal(final[k], reloaded[k]) for k in changed)
+
+
+def test_media_stage_generates_its_own_shapesworld_once(tmp_path):
+    trainer = Trainer(config(tmp_path, "own", media_stage_steps=1,
+                             media_stage_shapesworld=dict(seed=4, num_images=2, num_videos=1)), samples())
+    records = trainer.media_stage_samples()
+    assert records and any(r.is_video for r in records)
+    written = (tmp_path / "own" / "media_stage_shapesworld" / "train.json").read_bytes()
+    assert [r.id for r in trainer.media_stage_samples()] == [r.id for r in records]
+    assert (tmp_path / "own" / "media_stage_shapesworld" / "train.json").read_bytes() == written

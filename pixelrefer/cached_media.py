@@ -1,0 +1,200 @@
+"""Frozen-media stage: train the LLM on object (and vision) tokens computed once.
+
+When the vision encoder, the object encoder (SAOT, OCI) and the image projector are frozen, every record's
+object and vision tokens are fixed: computing them once and training only the LLM on them gives the same
+gradients as a full step with those modules frozen, at a fraction of the cost (on the `tiny` preset most
+of a step's time is the vision encoder on every (object, frame) crop). This is what lets a 2-core machine
+run the thousands of video steps the LLM needs before it reads motion from the per-frame object tokens.
+
+`cache_media` runs the model once per record up to its language model and keeps, per record, the token
+ids, the labels, the language model's attention mask and the embeddings of the media slots (`<REGION>`,
+image and video tokens) in sequence order. `train_on_cached_media` then rebuilds each batch's
+`inputs_embeds` as the LLM's own (trainable) token embeddings with the cached media written into their
+slots, and trains the LLM's parameters alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from pixelrefer.errors import InputError
+
+LLM_PREFIXES = ("model.language_model.", "lm_head.")
+
+
+@dataclass
+class CachedRecord:
+    """One record with its media tokens computed.
+
+    input_ids, labels, attention_mask: (L,) as the processor built them (attention 0 on padded object slots).
+    media: (M, D) embeddings of the M media slots of `input_ids`, in sequence order.
+    task: the record's task, for weighting; where: names the record in errors.
+    """
+
+    input_ids: Tensor
+    labels: Tensor
+    attention_mask: Tensor
+    media: Tensor
+    task: str
+    where: str
+
+
+class _Captured(Exception):
+    """Raised by the language-model hook once it has the embeddings: the LLM itself need not run."""
+
+
+def media_token_ids(config) -> list[int]:
+    """Token ids whose embeddings come from the media (object tokens, image and video tokens), not the table."""
+    ids = [config.region_token_id]
+    for name in ("image_token_id", "video_token_id"):
+        value = getattr(config, name, None)
+        if value is not None:
+            ids.append(int(value))
+    return ids
+
+
+def _media_slots(input_ids: Tensor, media_ids: Tensor) -> Tensor:
+    return torch.isin(input_ids, media_ids)
+
+
+@torch.no_grad()
+def cache_media(model, processor, samples: Sequence, *, dtype: torch.dtype = torch.float32,
+                progress: bool = True) -> list[CachedRecord]:
+    """Every sample's media-slot embeddings as the model (in eval mode) computes them, one record at a time.
+
+    A record that cannot be encoded raises `InputError` naming it. The embeddings are those the language
+    model receives, taken by a forward pre-hook on `model.model.language_model`, so they include whatever the
+    model does before its LLM (SAOT, OCI, the image projector, video token compression).
+    """
+    language_model = model.model.language_model
+    media_ids = torch.tensor(media_token_ids(model.config))
+    captured: dict[str, Tensor] = {}
+
+    def hook(_module, _args, kwargs):
+        captured["inputs_embeds"] = kwargs["inputs_embeds"]
+        captured["attention_mask"] = kwargs.get("attention_mask")
+        raise _Captured
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    handle = language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    records = []
+    try:
+        for sample in tqdm(samples, desc="caching media tokens", disable=not progress):
+            where = getattr(sample, "where", repr(sample))
+            try:
+                text, image, video, masks = sample.load_media()
+                batch = processor(text=[text], images=[image], videos=[video], masks=[masks])
+            except InputError as error:
+                raise InputError(f"cannot cache {where}: {error}") from error
+            batch = batch.to(device)
+            captured.clear()
+            try:
+                model(**batch)
+            except _Captured:
+                pass
+            if "inputs_embeds" not in captured:
+                raise RuntimeError(f"{where}: the language model was never called")
+            input_ids = batch["input_ids"][0]
+            embeds = captured["inputs_embeds"][0]
+            if embeds.shape[0] != input_ids.shape[0]:
+                raise RuntimeError(f"{where}: {embeds.shape[0]} embeddings for {input_ids.shape[0]} token ids")
+            mask = captured["attention_mask"]
+            if mask is None or mask.ndim != 2:
+                raise RuntimeError(f"{where}: expected a 2-D attention mask at the language model")
+            slots = _media_slots(input_ids, media_ids.to(input_ids.device))
+            records.append(CachedRecord(
+                input_ids=input_ids.cpu(),
+                labels=batch["labels"][0].cpu(),
+                attention_mask=mask[0].cpu(),
+                media=embeds[slots].to("cpu", dtype),
+                task=getattr(sample, "task", None) or "",
+                where=where,
+            ))
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return records
+
+
+def collate_cached(records: Sequence[CachedRecord], pad_token_id: int) -> dict[str, Tensor]:
+    """Right-pad records into (B, L) input_ids / labels / attention_mask and list their media, batch order."""
+    length = max(r.input_ids.shape[0] for r in records)
+    input_ids = torch.full((len(records), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(records), length), -100, dtype=torch.long)
+    attention = torch.zeros((len(records), length), dtype=torch.long)
+    for b, record in enumerate(records):
+        n = record.input_ids.shape[0]
+        input_ids[b, :n], labels[b, :n], attention[b, :n] = record.input_ids, record.labels, record.attention_mask
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention,
+            "media": torch.cat([r.media for r in records])}
+
+
+def cached_loss(model, batch: dict[str, Tensor]) -> Tensor:
+    """The model's loss on a collated batch: token embeddings with the cached media in their slots."""
+    input_ids = batch["input_ids"]
+    embeds = model.get_input_embeddings()(input_ids)
+    slots = _media_slots(input_ids, torch.tensor(media_token_ids(model.config), device=input_ids.device))
+    media = batch["media"].to(embeds.device, embeds.dtype)
+    if int(slots.sum()) != media.shape[0]:
+        raise ValueError(f"{media.shape[0]} cached media embeddings for {int(slots.sum())} media slots")
+    embeds = embeds.masked_scatter(slots.unsqueeze(-1), media)
+    return model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+
+def weighted_indices(records: Sequence[CachedRecord], task_weights: dict[str, int]) -> list[int]:
+    """Record indices with each record repeated by its task's weight (default 1; 0 leaves it out)."""
+    pool = []
+    for i, record in enumerate(records):
+        pool.extend([i] * int(task_weights.get(record.task, 1)))
+    if not pool:
+        raise ValueError(f"task_weights {task_weights} leave no record to train on")
+    return pool
+
+
+def train_on_cached_media(model, records: Sequence[CachedRecord], *, steps: int, lr: float, batch_size: int,
+                          seed: int = 0, warmup_ratio: float = 0.03, task_weights: dict[str, int] | None = None,
+                          autocast: Callable = contextlib.nullcontext,
+                          callback: Callable[[int, float], None] | None = None) -> list[float]:
+    """Train the LLM (embeddings, layers, head) on cached records; returns the per-step losses.
+
+    Each step draws `batch_size` records with replacement from the task-weighted pool (seeded by `seed`).
+    AdamW, cosine schedule with warm-up, gradient norm clipped at 1; only the LLM's parameters are given to
+    the optimizer, so the rest of the model is untouched. `callback(step, loss)` runs after each step.
+    """
+    if not records:
+        raise ValueError("no cached records to train on")
+    device = next(model.parameters()).device
+    pool = weighted_indices(records, task_weights or {})
+    rng = np.random.default_rng(seed)
+    parameters = [p for n, p in model.named_parameters() if n.startswith(LLM_PREFIXES)]
+    optimizer = torch.optim.AdamW(parameters, lr=lr)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * steps), steps)
+    pad = model.config.text_config.pad_token_id
+    pad = 0 if pad is None else pad
+    losses = []
+    model.train()
+    for step in tqdm(range(1, steps + 1), desc="frozen-media stage"):
+        chosen = [records[pool[i]] for i in rng.integers(0, len(pool), size=batch_size)]
+        batch = {k: v.to(device) for k, v in collate_cached(chosen, pad).items()}
+        with autocast():
+            loss = cached_loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        if callback is not None:
+            callback(step, losses[-1])
+    return losses

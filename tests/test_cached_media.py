@@ -1,0 +1,105 @@
+"""Frozen-media stage: cached object/vision tokens give the full model's loss, and only the LLM trains."""
+
+import numpy as np
+import pytest
+import torch
+
+from pixelrefer import InputError
+from pixelrefer.cached_media import (
+    CachedRecord,
+    cache_media,
+    cached_loss,
+    collate_cached,
+    media_token_ids,
+    train_on_cached_media,
+    weighted_indices,
+)
+from tests.conftest import FRAMEWORKS, build
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    from pixelrefer.data import generate_shapesworld, load_annotations
+
+    root = tmp_path_factory.mktemp("sw")
+    paths = generate_shapesworld(root, seed=3, num_images=2, num_videos=1)
+    records = load_annotations(paths["train"], root)
+    videos = [r for r in records if r.is_video][:3]
+    images = [r for r in records if not r.is_video][:3]
+    assert len(videos) == 3 and len(images) == 3
+    return videos + images
+
+
+def full_batch(processor, samples):
+    text, images, videos, masks = (list(column) for column in zip(*(s.load_media() for s in samples)))
+    return processor(text=text, images=images, videos=videos, masks=masks)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_cached_media_reproduce_the_full_forward_loss(framework, shapes):
+    model, processor = build(framework)
+    records = cache_media(model, processor, shapes, progress=False)
+    assert [r.task for r in records] == [s.task for s in shapes]
+    with torch.no_grad():
+        for sample, record in zip(shapes, records):
+            full = model(**full_batch(processor, [sample])).loss
+            cached = cached_loss(model, collate_cached([record], model.config.text_config.pad_token_id))
+            assert torch.equal(full, cached), sample.where
+            slots = torch.isin(record.input_ids, torch.tensor(media_token_ids(model.config)))
+            assert record.media.shape == (int(slots.sum()), model.config.text_config.hidden_size)
+        # A padded batch of videos and images gives the processor's batched loss.
+        batched = cached_loss(model, collate_cached(records, model.config.text_config.pad_token_id))
+        torch.testing.assert_close(batched, model(**full_batch(processor, shapes)).loss, rtol=1e-5, atol=1e-5)
+    if framework == "vision_object":
+        video_slots = records[0].input_ids == model.config.video_token_id
+        assert video_slots.any(), "Vision-Object caches the global video tokens too"
+
+
+def test_only_the_llm_trains_and_the_global_rng_stays(shapes):
+    model, processor = build("object_only")
+    records = cache_media(model, processor, shapes, progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(5)
+    rng = torch.get_rng_state()
+    seen = []
+    losses = train_on_cached_media(model, records, steps=40, lr=3e-3, batch_size=4, seed=1,
+                                   callback=lambda step, loss: seen.append(step))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert seen == list(range(1, 41)) and len(losses) == 40
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("model.language_model.", "lm_head.")) for k in changed)
+    again, _ = build("object_only")
+    assert train_on_cached_media(again, records, steps=40, lr=3e-3, batch_size=4, seed=1) == losses
+
+
+def test_a_bad_record_is_named(shapes):
+    model, processor = build("object_only")
+
+    class Broken:
+        where, task = "broken.json:7", "category"
+
+        def load_media(self):
+            text, image, video, masks = shapes[3].load_media()
+            return text, image, video, [np.zeros_like(masks[0])] + list(masks[1:])
+
+    with pytest.raises(InputError, match="broken.json:7"):
+        cache_media(model, processor, [Broken()], progress=False)
+
+
+def test_task_weights_and_mismatched_media():
+    record = CachedRecord(torch.tensor([5, 6]), torch.tensor([-100, 6]), torch.ones(2, dtype=torch.long),
+                          torch.zeros(0, 4), "caption", "a:0")
+    other = CachedRecord(record.input_ids, record.labels, record.attention_mask, record.media, "choice", "a:1")
+    assert weighted_indices([record, other], {"choice": 3}) == [0, 1, 1, 1]
+    assert weighted_indices([record, other], {"caption": 0}) == [1]
+    with pytest.raises(ValueError, match="leave no record"):
+        weighted_indices([record], {"caption": 0})
+    model, _ = build("object_only")
+    region = model.config.region_token_id
+    word = next(i for i in range(10, 100) if i not in media_token_ids(model.config))
+    bad = CachedRecord(torch.tensor([word, region]), torch.tensor([-100, 6]), torch.ones(2, dtype=torch.long),
+                       torch.zeros(0, model.config.text_config.hidden_size), "x", "a:2")
+    with pytest.raises(ValueError, match="0 cached media embeddings for 1 media slots"):
+        cached_loss(model, collate_cached([bad], 0))
