@@ -21,7 +21,7 @@ import torch
 import pixelrefer
 from pixelrefer.cached_media import LLM_PREFIXES, cache_media, cached_loss, collate_cached
 from pixelrefer.data import load_annotations
-from pixelrefer.evaluation.runners import shapesworld_test_split
+from pixelrefer.evaluation.runners import add_split_arguments, split_from_arguments
 
 
 def _sync(device: str) -> None:
@@ -32,9 +32,7 @@ def _sync(device: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="shapes-tiny-lite")
-    parser.add_argument("--data", default="runs/eval-shapesworld", help="folder for the generated splits")
-    parser.add_argument("--num-images", type=int, default=None, help="the split of another image count")
-    parser.add_argument("--num-videos", type=int, default=None, help="the split of another video count")
+    add_split_arguments(parser)
     parser.add_argument("--records", type=int, default=64, help="video records timed")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3, help="passes over the records for each kind of step")
@@ -44,7 +42,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, processor = pixelrefer.load(args.model, device=args.device)
-    test_file = shapesworld_test_split(args.data, num_images=args.num_images, num_videos=args.num_videos)
+    test_file = split_from_arguments(args)
     samples = [s for s in load_annotations(test_file, test_file.parent) if s.is_video][: args.records]
     if len(samples) < args.batch_size:
         raise SystemExit(f"{test_file}: {len(samples)} video records, fewer than one batch of {args.batch_size}")

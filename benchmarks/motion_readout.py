@@ -23,16 +23,13 @@ import torch
 import pixelrefer
 from pixelrefer.analysis.probe import motion_readout, track_features
 from pixelrefer.data import load_annotations
-from pixelrefer.evaluation.runners import shapesworld_test_split
+from pixelrefer.evaluation.runners import add_split_arguments, split_from_arguments
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="shapes-tiny-lite")
-    parser.add_argument("--data", default="runs/eval-shapesworld", help="folder for the generated splits")
-    parser.add_argument("--num-images", type=int, default=None, help="the split of another image count")
-    parser.add_argument("--num-videos", type=int, default=None, help="the split of another video count")
-    parser.add_argument("--image-choice", action="store_true", help="a split with image multiple choice")
+    add_split_arguments(parser)
     parser.add_argument("--train-records", type=int, default=200)
     parser.add_argument("--ridge", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=None)
@@ -40,8 +37,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, processor = pixelrefer.load(args.model)
-    root = shapesworld_test_split(args.data, num_images=args.num_images, num_videos=args.num_videos,
-                                  image_choice=args.image_choice or None).parent
+    root = split_from_arguments(args).parent
     videos = {split: [s for s in load_annotations(root / f"{split}.json", root) if s.task == "video_caption"]
               for split in ("train", "test")}
     started = time.perf_counter()

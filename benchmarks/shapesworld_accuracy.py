@@ -43,7 +43,7 @@ from pixelrefer.evaluation.captions import caption_scores
 from pixelrefer.evaluation.category import exact_match
 from pixelrefer.evaluation.choice import choice_scores, score_item
 from pixelrefer.evaluation.models import PixelReferModel
-from pixelrefer.evaluation.runners import shapesworld_test_split
+from pixelrefer.evaluation.runners import add_split_arguments, split_from_arguments
 
 
 def nth_question(sample, n: int, media=None) -> tuple[SampleInputs, str]:
@@ -152,12 +152,10 @@ def select(test: list, tasks: str | None, limit: int | None) -> list:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="shapes-tiny")
-    parser.add_argument("--data", default="runs/eval-shapesworld", help="folder for the generated test split")
+    add_split_arguments(parser)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu", help="where the model runs (cuda on a GPU machine)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--num-videos", type=int, default=None, help="the test split of another video count")
-    parser.add_argument("--image-choice", action="store_true", help="a split with image multiple choice")
     parser.add_argument("--tasks", help="comma-separated tasks to score (default: all), e.g. multiple_choice,category")
     parser.add_argument("--limit", type=int, default=None, help="score at most this many records per task")
     parser.add_argument("--no-ranking", action="store_true", help="skip option_ranking (a forward pass per option)")
@@ -165,7 +163,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, processor = pixelrefer.load(args.model, device=args.device)
-    test_file = shapesworld_test_split(args.data, num_videos=args.num_videos, image_choice=args.image_choice or None)
+    test_file = split_from_arguments(args)
     test = select(load_annotations(test_file, test_file.parent), args.tasks, args.limit)
     started = time.perf_counter()
     result = {"model": args.model, "test_records": len(test)}

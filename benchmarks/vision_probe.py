@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 import pixelrefer
 from pixelrefer.analysis.probe import STAGES, linear_probe, object_features, variance_share
 from pixelrefer.data import load_annotations
-from pixelrefer.evaluation.runners import shapesworld_test_split
+from pixelrefer.evaluation.runners import add_split_arguments, split_from_arguments
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--model", default="shapes-tiny")
     parser.add_argument("--encoder", default=None, help="a vision_encoder.safetensors to load into the model")
     parser.add_argument("--stage", default="encoder", choices=STAGES, help="where to read object features")
-    parser.add_argument("--data", default="runs/eval-shapesworld", help="folder for the generated splits")
+    add_split_arguments(parser)
     parser.add_argument("--train-records", type=int, default=1200)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
@@ -41,7 +41,7 @@ def main() -> None:
     model, processor = pixelrefer.load(args.model)
     if args.encoder:
         model.model.vision_model.load_state_dict(load_file(args.encoder))
-    root = shapesworld_test_split(args.data).parent
+    root = split_from_arguments(args).parent
     train = [s for s in load_annotations(root / "train.json", root) if s.task == "category"][: args.train_records]
     val = [s for s in load_annotations(root / "val.json", root) if s.task == "category"]
     started = time.perf_counter()

@@ -351,3 +351,20 @@ def test_shapesworld_test_split_is_reused_only_at_the_same_parameters_and_versio
     assert runners.shapesworld_test_split(tmp_path, **wanted) == "new" and calls == [wanted], "an older version"
     info.write_text(json.dumps(dict(wanted, version=VERSION, num_videos=3)))
     assert runners.shapesworld_test_split(tmp_path, **wanted) == "new" and len(calls) == 2
+
+
+def test_benchmark_split_options_name_the_split(tmp_path):
+    import argparse
+
+    from pixelrefer.evaluation.runners import add_split_arguments, split_from_arguments
+
+    parser = argparse.ArgumentParser()
+    add_split_arguments(parser)
+    defaults = parser.parse_args([])
+    assert (defaults.data, defaults.num_images, defaults.num_videos, defaults.image_choice) == (
+        "runs/eval-shapesworld", None, None, False)
+    args = parser.parse_args(["--data", str(tmp_path), "--num-images", "3", "--num-videos", "2", "--image-choice"])
+    test_file = split_from_arguments(args)
+    info = json.loads((tmp_path / "info.json").read_text())
+    assert test_file == tmp_path / "test.json"
+    assert (info["num_images"], info["num_videos"], info["image_choice"]) == (3, 2, True)

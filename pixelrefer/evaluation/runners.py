@@ -241,6 +241,20 @@ def shapesworld_test_split(folder: str | Path, *, seed: int | None = None, num_i
     return generate_shapesworld(folder, **wanted)["test"]
 
 
+def add_split_arguments(parser) -> None:
+    """The options a benchmark script takes to pick its ShapesWorld test split (`split_from_arguments`)."""
+    parser.add_argument("--data", default="runs/eval-shapesworld", help="folder for the generated splits")
+    parser.add_argument("--num-images", type=int, default=None, help="the split of another image count")
+    parser.add_argument("--num-videos", type=int, default=None, help="the split of another video count")
+    parser.add_argument("--image-choice", action="store_true", help="a split with image multiple choice")
+
+
+def split_from_arguments(args) -> Path:
+    """The test split `add_split_arguments`' options name (generated if missing, see `shapesworld_test_split`)."""
+    return shapesworld_test_split(args.data, num_images=args.num_images, num_videos=args.num_videos,
+                                  image_choice=args.image_choice or None)
+
+
 def benchmark_data(benchmark: str, data: str | Path | None, folder: str | Path, **shapesworld) -> Path:
     """`data` when given; else, for ShapesWorld only, its test split generated in `folder` (see above)."""
     spec = get_benchmark(benchmark)
