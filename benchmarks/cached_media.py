@@ -2,12 +2,14 @@
 media tokens, per record, as JSON.
 
     python benchmarks/cached_media.py --model shapes-tiny-lite [--data runs/eval-shapesworld] [--num-videos N]
-        [--records 64] [--batch-size 16] [--repeats 3] [--threads 1] [--device cpu]
+        [--records 64] [--batch-size 16] [--repeats 3] [--threads 1] [--device cpu] [--bf16]
 
 Both steps train the LLM alone (`pixelrefer.cached_media.LLM_PREFIXES`) on the same batches of ShapesWorld
 video records: "full" runs the whole model (processor included: loading frames and cropping every object is
 part of a step), "cached" the LLM on the embeddings `cache_media` keeps; "cache" is the one-off cost of
-caching a record. Losses of the two are reported side by side (equal up to float rounding).
+caching a record. Losses of the two are reported side by side (equal up to float rounding). `--bf16` also
+times the cached step under bf16 autocast (`MediaStage.mixed_precision`; fast on CPUs with AMX) and reports
+how far its losses are from float32's.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="passes over the records for each kind of step")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="also time the cached step under bf16 autocast")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -58,7 +61,7 @@ def main() -> None:
     pad = model.config.text_config.pad_token_id or 0
 
     model.train()
-    full_losses, cached_losses = [], []
+    full_losses = []
     _sync(args.device)
     started = time.perf_counter()
     for _ in range(args.repeats):
@@ -71,24 +74,39 @@ def main() -> None:
             full_losses.append(loss.item())
     _sync(args.device)
     full_seconds = (time.perf_counter() - started) / timed
+    cached_seconds, cached_losses = _cached_steps(model, batches, by_id, pad, args)
+    timings = {"full_step": round(full_seconds, 4), "cached_step": round(cached_seconds / timed, 4)}
+    extra = {}
+    if args.bf16:
+        bf16_seconds, bf16_losses = _cached_steps(model, batches, by_id, pad, args, torch.bfloat16)
+        timings["cached_step_bf16"] = round(bf16_seconds / timed, 4)
+        extra = {"bf16_speedup_over_cached": round(cached_seconds / bf16_seconds, 2),
+                 "bf16_max_loss_difference": max(abs(a - b) for a, b in zip(cached_losses, bf16_losses))}
+    print(json.dumps({
+        "model": args.model, "device": args.device, "threads": torch.get_num_threads(), "records": len(samples),
+        "batch_size": args.batch_size, "seconds_per_record": {**timings, "cache_once": round(cache_seconds, 4)},
+        "speedup": round(full_seconds * timed / cached_seconds, 2),
+        "max_loss_difference": max(abs(a - b) for a, b in zip(full_losses, cached_losses)), **extra,
+    }, indent=2))
+
+
+def _cached_steps(model, batches, by_id, pad, args, dtype=None) -> tuple[float, list[float]]:
+    """Seconds and losses of forward + backward on the cached batches, `args.repeats` times (autocast to
+    `dtype` when given)."""
+    autocast = torch.autocast(torch.device(args.device).type, dtype=dtype, enabled=dtype is not None)
+    losses = []
+    _sync(args.device)
     started = time.perf_counter()
     for _ in range(args.repeats):
         for batch in batches:
             collated = collate_cached([by_id[id(s)] for s in batch], pad)
-            loss = cached_loss(model, {k: v.to(args.device) for k, v in collated.items()})
+            with autocast:
+                loss = cached_loss(model, {k: v.to(args.device) for k, v in collated.items()})
             loss.backward()
             model.zero_grad(set_to_none=True)
-            cached_losses.append(loss.item())
+            losses.append(loss.item())
     _sync(args.device)
-    cached_seconds = (time.perf_counter() - started) / timed
-    print(json.dumps({
-        "model": args.model, "device": args.device, "threads": torch.get_num_threads(), "records": len(samples),
-        "batch_size": args.batch_size, "seconds_per_record": {
-            "full_step": round(full_seconds, 4), "cached_step": round(cached_seconds, 4),
-            "cache_once": round(cache_seconds, 4)},
-        "speedup": round(full_seconds / cached_seconds, 2),
-        "max_loss_difference": max(abs(a - b) for a, b in zip(full_losses, cached_losses)),
-    }, indent=2))
+    return time.perf_counter() - started, losses
 
 
 if __name__ == "__main__":

@@ -35,12 +35,14 @@ Notable:
   lettered questions in ShapesWorld's words (`pixelrefer.data.text_tasks`, facts about
   `llm_pretrain_max_objects` objects, `llm_pretrain_batch_size` questions a step: the letters arrive in a
   sudden jump that more questions per step bring forward), saved to `llm_pretrain/` and reused like stage 0.
-- Frozen-media stage (`media_stage_steps`), after the main stage: the LLM alone trains on object and vision
-  tokens computed once by the trained encoders (`pixelrefer.cached_media`), on the main stage's records or on
-  a ShapesWorld of its own (`media_stage_shapesworld`). The per-frame object tokens carry where an object is,
+- Frozen-media stages (`media_stages`, a list of `MediaStage`), after the main stage, in order: the LLM alone
+  trains on object and vision tokens computed once by the trained encoders (`pixelrefer.cached_media`), on the
+  main stage's records or on a ShapesWorld of its own. The per-frame object tokens carry where an object is,
   but the LLM needs thousands of video questions before it compares them across frames (motion, speed, the
-  future); with the encoders frozen each step costs the LLM alone. Saved to `media_stage/` and reused like the
-  other stages; its settings are not part of the main stage's trajectory, so it can follow a finished run.
+  future); with the encoders frozen each step costs the LLM alone. A stage may first scale the position
+  Linear (Eq. 5) so that location is loud in the tokens it caches. Saved to `media_stage/`, `media_stage_2/`…
+  and reused like the other stages; their settings are not part of the main stage's trajectory, so stages can
+  follow a finished run.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ CHECKPOINTS = "checkpoints"
 VISION_PRETRAIN = "vision_pretrain"
 LLM_PRETRAIN = "llm_pretrain"
 MEDIA_STAGE = "media_stage"
+POSITION_LINEAR = "model.object_tokenizer.position_proj"
 
 
 @dataclass
@@ -121,11 +124,7 @@ class TrainConfig:
     llm_pretrain_batch_size: int | None = None  # questions per LLM-stage step; None: batch_size
     task_weights: dict = field(default_factory=dict)  # task → how many times each of its records is in the pool
     text_choice_records: int = 0  # text-only lettered questions added to the main stage's records
-    media_stage_steps: int = 0  # frozen-media stage after the main stage (module docstring); 0 skips it
-    media_stage_lr: float = 3e-4
-    media_stage_batch_size: int = 32
-    media_stage_shapesworld: dict | None = None  # generate_shapesworld kwargs of its own records; None: the main's
-    media_stage_task_weights: dict = field(default_factory=dict)  # as task_weights, for the frozen-media stage
+    media_stages: list = field(default_factory=list)  # `MediaStage` fields per frozen-media stage, run in order
 
     def learning_rates(self) -> dict[str, float]:
         if self.stage not in STAGE_LEARNING_RATES:
@@ -139,13 +138,75 @@ class TrainConfig:
     def save(self, path: str | Path) -> None:
         atomic_write_text(Path(path), json.dumps(dataclasses.asdict(self), indent=2))
 
+    def frozen_media_stages(self) -> list["MediaStage"]:
+        """`media_stages` checked and parsed, in order."""
+        if not isinstance(self.media_stages, list):
+            raise ValueError(f"media_stages must be a list of MediaStage field dicts, got {self.media_stages!r}")
+        return [MediaStage.parse(spec, index) for index, spec in enumerate(self.media_stages)]
+
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":
-        data = json.loads(Path(path).read_text())
+        data = _upgraded(json.loads(Path(path).read_text()), path)
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"{path}: unknown TrainConfig fields {sorted(unknown)}")
         return cls(**data)
+
+
+@dataclass
+class MediaStage:
+    """One frozen-media stage (module docstring), as a dict in `TrainConfig.media_stages`.
+
+    `position_scale` multiplies the weight of the object tokenizer's position Linear (Eq. 5) before the
+    tokens are cached: location gets louder in every object token while the object MLP stays as trained; the
+    scaled weight is saved with the stage. `mixed_precision` "bf16" runs the LLM under bf16 autocast, on a
+    GPU or on a CPU with bf16 matrix units (AMX), whatever the main stage's precision.
+    """
+
+    steps: int
+    lr: float = 3e-4
+    batch_size: int = 32
+    shapesworld: dict | None = None  # generate_shapesworld kwargs of its own records; None: the main stage's
+    task_weights: dict = field(default_factory=dict)  # as TrainConfig.task_weights
+    position_scale: float = 1.0
+    mixed_precision: str = "no"
+
+    @classmethod
+    def parse(cls, spec: dict, index: int) -> "MediaStage":
+        where = f"media_stages[{index}]"
+        if not isinstance(spec, dict):
+            raise ValueError(f"{where} must be a dict of MediaStage fields, got {spec!r}")
+        unknown = sorted(set(spec) - {f.name for f in dataclasses.fields(cls)})
+        if unknown or "steps" not in spec:
+            raise ValueError(f"{where}: unknown fields {unknown}" if unknown else f"{where}: 'steps' is required")
+        stage = cls(**spec)
+        if not isinstance(stage.steps, int) or stage.steps < 1:
+            raise ValueError(f"{where}: steps must be a positive integer, got {stage.steps!r}")
+        if not stage.position_scale > 0:
+            raise ValueError(f"{where}: position_scale must be positive, got {stage.position_scale!r}")
+        if stage.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"{where}: mixed_precision must be 'no' or 'bf16', got {stage.mixed_precision!r}")
+        return stage
+
+    @staticmethod
+    def folder(index: int) -> str:
+        """The output subfolder of stage `index`: `media_stage`, then `media_stage_2`, …."""
+        return MEDIA_STAGE if index == 0 else f"{MEDIA_STAGE}_{index + 1}"
+
+
+_LEGACY_MEDIA_STAGE = ("steps", "lr", "batch_size", "shapesworld", "task_weights")
+
+
+def _upgraded(data: dict, path) -> dict:
+    """A saved TrainConfig dict with the single frozen-media stage of older runs (`media_stage_steps`, …)
+    turned into `media_stages`."""
+    legacy = {name: data.pop(f"media_stage_{name}") for name in _LEGACY_MEDIA_STAGE if f"media_stage_{name}" in data}
+    if not legacy:
+        return data
+    if "media_stages" in data:
+        raise ValueError(f"{path}: both media_stages and the older media_stage_* fields")
+    data["media_stages"] = [legacy] if legacy.get("steps") else []
+    return data
 
 
 TRAIN_PRESETS: dict[str, dict] = {
@@ -187,16 +248,15 @@ TRAIN_PRESETS["shapes-tiny-lite"] = dict(
     framework="object_only",
     output_dir="runs/train/shapes-tiny-lite",
     model_overrides=dict(freeze_vision_encoder=False, position_init_std=3.0),
-    media_stage_steps=1500,
-    media_stage_lr=3e-4,
-    media_stage_batch_size=32,
-    media_stage_shapesworld=dict(seed=7, num_images=500, num_videos=1500, image_choice=True),
-    media_stage_task_weights=dict(multiple_choice=3),
+    media_stages=[
+        dict(steps=1500, lr=3e-4, batch_size=32, task_weights=dict(multiple_choice=3),
+             shapesworld=dict(seed=7, num_images=500, num_videos=1500, image_choice=True)),
+    ],
 )
 # What the notebooks' and the ablations' short runs change in that recipe: no LLM stage (2000 steps of 128
 # questions), no lettered questions mixed in, the LLM at the rate of a run with no letters to keep, and no
 # frozen-media stage.
-SHORT_RUN = dict(llm_pretrain_steps=0, text_choice_records=0, task_weights={}, lr_llm=1e-3, media_stage_steps=0)
+SHORT_RUN = dict(llm_pretrain_steps=0, text_choice_records=0, task_weights={}, lr_llm=1e-3, media_stages=[])
 
 
 def preset_config(name: str, **overrides) -> TrainConfig:
@@ -616,8 +676,8 @@ class Trainer:
         bar.close()
         final = self.output / "final"
         if self.step == cfg.steps:
-            if cfg.media_stage_steps:
-                self.media_stage()
+            for index in range(len(cfg.frozen_media_stages())):
+                self.media_stage(index)
             self.save_model(final)
             if acc.is_main_process:
                 atomic_write_text(final / "loss_history.json", json.dumps(self.losses))
@@ -644,35 +704,49 @@ class Trainer:
             max_objects=cfg.llm_pretrain_max_objects, autocast=acc.autocast)
         return self._saved_stage(LLM_PRETRAIN, "language_model.safetensors", model, fit, prefixes=LLM_PREFIXES)
 
-    def media_stage(self) -> list[float]:
-        """Frozen-media stage: cache every record's media tokens, then fit the LLM alone on them (main process);
-        loaded everywhere after, and loaded instead of refit when `media_stage/` exists."""
+    def media_stage(self, index: int = 0) -> list[float]:
+        """Frozen-media stage `index`: cache every record's media tokens, then fit the LLM alone on them (main
+        process); loaded everywhere after, and loaded instead of refit when its folder exists."""
         from pixelrefer.cached_media import cache_media, train_on_cached_media
 
         cfg, acc = self.config, self.accelerator
+        stage = cfg.frozen_media_stages()[index]
         model = acc.unwrap_model(self.model)
+        prefixes = LLM_PREFIXES
+        if stage.position_scale != 1.0:
+            prefixes += (f"{POSITION_LINEAR}.",)
+            if getattr(model.model.object_tokenizer, "position_proj", None) is None:
+                raise ValueError(f"media_stages[{index}]: position_scale needs the position encoding, "
+                                 "which this model does not use")
+        autocast = acc.autocast
+        if stage.mixed_precision == "bf16":
+            device = next(model.parameters()).device
+            autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
 
         def fit() -> list[float]:
-            records = cache_media(model, self.processor, self.media_stage_samples(),
+            if stage.position_scale != 1.0:
+                with torch.no_grad():
+                    model.model.object_tokenizer.position_proj.weight.mul_(stage.position_scale)
+            records = cache_media(model, self.processor, self.media_stage_samples(index),
                                   progress=acc.is_main_process)
             return train_on_cached_media(
-                model, records, steps=cfg.media_stage_steps, lr=cfg.media_stage_lr,
-                batch_size=cfg.media_stage_batch_size, seed=cfg.seed, warmup_ratio=cfg.warmup_ratio,
-                task_weights=cfg.media_stage_task_weights, autocast=acc.autocast)
+                model, records, steps=stage.steps, lr=stage.lr, batch_size=stage.batch_size, seed=cfg.seed,
+                warmup_ratio=cfg.warmup_ratio, task_weights=stage.task_weights, autocast=autocast)
 
-        return self._saved_stage(MEDIA_STAGE, "language_model.safetensors", model, fit, prefixes=LLM_PREFIXES)
+        return self._saved_stage(MediaStage.folder(index), "language_model.safetensors", model, fit,
+                                 prefixes=prefixes)
 
-    def media_stage_samples(self) -> Sequence:
-        """The frozen-media stage's records: its own ShapesWorld (generated once into `output_dir`), else the
-        main stage's."""
-        cfg = self.config
-        if not cfg.media_stage_shapesworld:
+    def media_stage_samples(self, index: int = 0) -> Sequence:
+        """Frozen-media stage `index`'s records: its own ShapesWorld (generated once into `output_dir`), else
+        the main stage's."""
+        stage = self.config.frozen_media_stages()[index]
+        if not stage.shapesworld:
             return self.samples
         from pixelrefer.data import generate_shapesworld, load_annotations
 
-        root = self.output / f"{MEDIA_STAGE}_shapesworld"
+        root = self.output / f"{MediaStage.folder(index)}_shapesworld"
         if not (root / "train.json").exists():
-            generate_shapesworld(root, **cfg.media_stage_shapesworld)
+            generate_shapesworld(root, **stage.shapesworld)
         return load_annotations(root / "train.json", root)
 
     def _saved_stage(self, name: str, filename: str, module: torch.nn.Module, fit: Callable[[], list[float]],
@@ -778,8 +852,7 @@ def _trajectory(config: TrainConfig) -> dict:
     fields = dataclasses.asdict(config)
     for name in ("output_dir", "save_every", "steps", "num_workers"):
         fields.pop(name)
-    for name in [name for name in fields if name.startswith("media_stage_")]:
-        fields.pop(name)  # the frozen-media stage comes after the main stage's trajectory
+    fields.pop("media_stages")  # the frozen-media stages come after the main stage's trajectory
     return fields
 
 

@@ -234,10 +234,13 @@ def test_motion_readout_script_reports_the_readout_of_an_embedded_model(tmp_path
 def test_cached_media_script_times_both_steps_with_equal_losses(tmp_path):
     done = subprocess.run([sys.executable, "benchmarks/cached_media.py", "--model", "shapes-tiny", "--data",
                            str(tmp_path), "--num-images", "2", "--num-videos", "20", "--records", "6",
-                           "--batch-size", "3", "--repeats", "1", "--threads", "1"],
+                           "--batch-size", "3", "--repeats", "1", "--threads", "1", "--bf16"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["records"] == 6 and report["batch_size"] == 3
-    assert all(report["seconds_per_record"][k] > 0 for k in ("full_step", "cached_step", "cache_once"))
+    assert all(report["seconds_per_record"][k] > 0
+               for k in ("full_step", "cached_step", "cached_step_bf16", "cache_once"))
     assert report["max_loss_difference"] < 1e-4
+    # bf16 rounds activations (8-bit mantissa): close to float32's loss, not equal
+    assert 0 < report["bf16_max_loss_difference"] < 0.05 and report["bf16_speedup_over_cached"] > 0

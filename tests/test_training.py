@@ -183,8 +183,8 @@ def test_presets_and_the_train_command_generate_shapesworld_and_train(tmp_path, 
                  "--set", "llm_pretrain_steps=2", "--set", "llm_pretrain_batch_size=2", "--set", "text_choice_records=4",
                  "--set", "task_weights={}",
                  "--set", 'shapesworld={"seed": 1, "num_images": 6, "num_videos": 2, "image_choice": true}',
-                 "--set", "media_stage_steps=2", "--set", "media_stage_batch_size=2",
-                 "--set", 'media_stage_shapesworld={"seed": 2, "num_images": 2, "num_videos": 1}',
+                 "--set", 'media_stages=[{"steps": 2, "batch_size": 2, "shapesworld": '
+                          '{"seed": 2, "num_images": 2, "num_videos": 1}}]',
                  "--set", f"model_overrides={json.dumps(overrides)}"])
     assert code == 0 and "2 steps" in capsys.readouterr().out
     assert len(json.loads((out / "media_stage" / "loss_history.json").read_text())) == 2
@@ -201,7 +201,7 @@ def test_presets_and_the_train_command_generate_shapesworld_and_train(tmp_path, 
                  "steps=0", "--set", "vision_pretrain_steps=0", "--set", "llm_pretrain_steps=2", "--set",
                  "batch_size=2", "--set", 'shapesworld={"seed": 1, "num_images": 6, "num_videos": 2}',
                  "--set", "llm_pretrain_batch_size=2", "--set", "text_choice_records=0", "--set", "task_weights={}",
-                 "--set", "media_stage_steps=0",
+                 "--set", "media_stages=[]",
                  "--set", f"model_overrides={json.dumps(tiny_overrides())}"])
     assert code == 0 and "0 steps, " in capsys.readouterr().out
     assert (tmp_path / "llm-only" / "final" / "model.safetensors").exists()
@@ -464,8 +464,7 @@ def test_media_stage_follows_a_finished_run_and_trains_the_llm_alone(tmp_path):
     plain = Trainer(config(tmp_path, "media", steps=2), samples())
     plain.run()
     main_stage = load_file(tmp_path / "media" / "final" / "model.safetensors")
-    kwargs = dict(steps=2, media_stage_steps=12, media_stage_lr=3e-3, media_stage_batch_size=4,
-                  media_stage_task_weights={"unused": 2})
+    kwargs = dict(steps=2, media_stages=[dict(steps=12, lr=3e-3, batch_size=4, task_weights={"unused": 2})])
     staged = Trainer(config(tmp_path, "media", **kwargs), samples())
     result = staged.run()  # resumes at the last step, so only the frozen-media stage runs
     assert result.losses == plain.losses
@@ -481,10 +480,68 @@ def test_media_stage_follows_a_finished_run_and_trains_the_llm_alone(tmp_path):
 
 
 def test_media_stage_generates_its_own_shapesworld_once(tmp_path):
-    trainer = Trainer(config(tmp_path, "own", media_stage_steps=1,
-                             media_stage_shapesworld=dict(seed=4, num_images=2, num_videos=1)), samples())
+    trainer = Trainer(config(tmp_path, "own", media_stages=[
+        dict(steps=1, shapesworld=dict(seed=4, num_images=2, num_videos=1))]), samples())
     records = trainer.media_stage_samples()
     assert records and any(r.is_video for r in records)
     written = (tmp_path / "own" / "media_stage_shapesworld" / "train.json").read_bytes()
     assert [r.id for r in trainer.media_stage_samples()] == [r.id for r in records]
     assert (tmp_path / "own" / "media_stage_shapesworld" / "train.json").read_bytes() == written
+
+
+def test_media_stages_run_in_order_and_one_can_scale_the_position_encoding(tmp_path):
+    from pixelrefer.training import POSITION_LINEAR, MediaStage
+
+    plain = Trainer(config(tmp_path, "two", steps=2), samples())
+    plain.run()
+    before = load_file(tmp_path / "two" / "final" / "model.safetensors")
+    stages = [dict(steps=3, batch_size=2), dict(steps=2, batch_size=2, position_scale=4.0, mixed_precision="bf16")]
+    staged = Trainer(config(tmp_path, "two", steps=2, media_stages=stages), samples())
+    staged.run()
+    assert [len(json.loads((tmp_path / "two" / MediaStage.folder(i) / "loss_history.json").read_text()))
+            for i in range(2)] == [3, 2]
+    assert MediaStage.folder(1) == "media_stage_2"
+    final = load_file(tmp_path / "two" / "final" / "model.safetensors")
+    weight = f"{POSITION_LINEAR}.weight"
+    torch.testing.assert_close(final[weight], before[weight] * 4.0, rtol=0, atol=0)
+    assert torch.equal(final[f"{POSITION_LINEAR}.bias"], before[f"{POSITION_LINEAR}.bias"])
+    changed = {k for k in before if not torch.equal(before[k], final[k])}
+    assert changed - {weight} and all(k.startswith(("model.language_model.", "lm_head.")) for k in changed - {weight})
+    # a finished stage is loaded with its scaled weight, never scaled a second time
+    again = Trainer(config(tmp_path, "two", steps=2, media_stages=stages), samples())
+    assert again.media_stage(0) == [] and again.media_stage(1) == []
+    model = again.accelerator.unwrap_model(again.model)
+    assert torch.equal(model.model.object_tokenizer.position_proj.weight, final[weight])
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"lr": 1e-3}, "'steps' is required"),
+    ({"steps": 2, "epochs": 1}, r"unknown fields \['epochs'\]"),
+    ({"steps": 0}, "steps must be a positive integer"),
+    ({"steps": 2, "position_scale": 0}, "position_scale must be positive"),
+    ({"steps": 2, "mixed_precision": "fp8"}, "mixed_precision must be 'no' or 'bf16'"),
+    ("steps=2", "must be a dict"),
+])
+def test_a_bad_media_stage_is_named(spec, message):
+    with pytest.raises(ValueError, match=r"media_stages\[1\]"):
+        TrainConfig(media_stages=[{"steps": 1}, spec]).frozen_media_stages()
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(media_stages=[{"steps": 1}, spec]).frozen_media_stages()
+
+
+def test_train_configs_of_older_runs_load_their_single_media_stage(tmp_path):
+    import dataclasses
+
+    data = dataclasses.asdict(TrainConfig())
+    data.pop("media_stages")
+    legacy = dict(media_stage_steps=5, media_stage_lr=1e-3, media_stage_batch_size=8,
+                  media_stage_shapesworld={"seed": 7}, media_stage_task_weights={"multiple_choice": 3})
+    path = tmp_path / "train_config.json"
+    path.write_text(json.dumps({**data, **legacy}))
+    assert TrainConfig.load(path).media_stages == [
+        dict(steps=5, lr=1e-3, batch_size=8, shapesworld={"seed": 7}, task_weights={"multiple_choice": 3})]
+    path.write_text(json.dumps({**data, **legacy, "media_stage_steps": 0}))
+    assert TrainConfig.load(path).media_stages == []
+    path.write_text(json.dumps({**data, **legacy, "media_stages": []}))
+    with pytest.raises(ValueError, match="both media_stages and the older"):
+        TrainConfig.load(path)
