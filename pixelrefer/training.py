@@ -216,6 +216,7 @@ def _upgraded(data: dict, path) -> dict:
 VIDEO_STAGE = dict(steps=1500, lr=3e-4, batch_size=32, mixed_precision="bf16",
                    task_weights=dict(multiple_choice=3, video_caption=2),
                    shapesworld=dict(seed=8, num_images=300, num_videos=1500, image_choice=True))
+
 TRAIN_PRESETS: dict[str, dict] = {
     # The embedded defaults: `pixelrefer train --preset shapes-tiny[-lite]` reproduces them. The tiny model has no
     # pretrained vision encoder, so stage 0 trains it on object categories and colours first (standing in for
