@@ -38,6 +38,7 @@ class CachedRecord:
     input_ids, labels, attention_mask: (L,) as the processor built them (attention 0 on padded object slots).
     media: (M, D) embeddings of the M media slots of `input_ids`, in sequence order.
     task: the record's task, for weighting; where: names the record in errors.
+    kind: a multiple-choice record's question type (Bench-Q `type`: Basic, Sequential, …), else "".
     """
 
     input_ids: Tensor
@@ -46,6 +47,7 @@ class CachedRecord:
     media: Tensor
     task: str
     where: str
+    kind: str = ""
 
 
 class _Captured(Exception):
@@ -120,6 +122,7 @@ def cache_media(model, processor, samples: Sequence, *, dtype: torch.dtype = tor
                 media=embeds[slots].to("cpu", dtype),
                 task=getattr(sample, "task", None) or "",
                 where=where,
+                kind=str((getattr(sample, "meta", None) or {}).get("type") or ""),
             ))
     finally:
         handle.remove()
@@ -140,16 +143,62 @@ def collate_cached(records: Sequence[CachedRecord], pad_token_id: int) -> dict[s
             "media": torch.cat([r.media for r in records])}
 
 
-def cached_loss(model, batch: dict[str, Tensor]) -> Tensor:
-    """The model's loss on a collated batch: token embeddings with the cached media in their slots."""
+def cached_embeds(model, batch: dict[str, Tensor]) -> Tensor:
+    """(B, L, D) inputs of a collated batch: the LLM's token embeddings with the cached media in their slots."""
     input_ids = batch["input_ids"]
     embeds = model.get_input_embeddings()(input_ids)
     slots = _media_slots(input_ids, torch.tensor(media_token_ids(model.config), device=input_ids.device))
     media = batch["media"].to(embeds.device, embeds.dtype)
     if int(slots.sum()) != media.shape[0]:
         raise ValueError(f"{media.shape[0]} cached media embeddings for {int(slots.sum())} media slots")
-    embeds = embeds.masked_scatter(slots.unsqueeze(-1), media)
-    return model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    return embeds.masked_scatter(slots.unsqueeze(-1), media)
+
+
+def cached_loss(model, batch: dict[str, Tensor]) -> Tensor:
+    """The model's loss on a collated batch: token embeddings with the cached media in their slots."""
+    return model(inputs_embeds=cached_embeds(model, batch), attention_mask=batch["attention_mask"],
+                 labels=batch["labels"]).loss
+
+
+@torch.no_grad()
+def choice_letter_accuracy(model, records: Sequence[CachedRecord], open_id: int,
+                           batch_size: int = 32) -> dict[str, dict[str, float]]:
+    """Teacher-forced option letters: for every supervised `open_id` token (the `(` of "(B) …") followed by a
+    supervised token, is the model's most likely next token that letter?
+
+    One forward pass per batch instead of generation. A model that opens its answers with "(" writes, greedily,
+    the letter this scores (the embedded models do, tested), so it tracks the benchmark's multiple-choice
+    accuracy while a frozen-media stage trains. Returns {group: {"right", "total", "accuracy"}} per record
+    `kind` (else task) and over all as "all"; records without a lettered answer are left out.
+    """
+    device = next(model.parameters()).device
+    pad = model.config.text_config.pad_token_id or 0
+    counts: dict[str, list[int]] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(records), batch_size):
+            chunk = records[start : start + batch_size]
+            batch = {k: v.to(device) for k, v in collate_cached(chunk, pad).items()}
+            logits = model(inputs_embeds=cached_embeds(model, batch), attention_mask=batch["attention_mask"]).logits
+            predicted = logits.argmax(-1)  # (B, L): the token predicted after each position
+            labels = batch["labels"]
+            supervised = labels != -100
+            # letter positions: a supervised token whose predecessor is a supervised "("
+            letters = supervised[:, 1:] & supervised[:, :-1] & (labels[:, :-1] == open_id)  # (B, L-1)
+            right = predicted[:, :-1] == labels[:, 1:]  # (B, L-1): position j predicts token j+1
+            for b, record in enumerate(chunk):
+                positions = letters[b].nonzero().flatten()
+                if not len(positions):
+                    continue
+                hits = int(right[b, positions].sum())
+                for group in (record.kind or record.task, "all"):
+                    tally = counts.setdefault(group, [0, 0])
+                    tally[0] += hits
+                    tally[1] += len(positions)
+    finally:
+        model.train(was_training)
+    return {group: {"right": r, "total": t, "accuracy": r / t} for group, (r, t) in sorted(counts.items())}
 
 
 def weighted_indices(records: Sequence[CachedRecord], task_weights: dict[str, int]) -> list[int]:

@@ -103,3 +103,52 @@ def test_task_weights_and_mismatched_media():
                        torch.zeros(0, model.config.text_config.hidden_size), "x", "a:2")
     with pytest.raises(ValueError, match="0 cached media embeddings for 1 media slots"):
         cached_loss(model, collate_cached([bad], 0))
+
+
+def test_choice_letters_teacher_forced_match_the_full_model(shapes):
+    from pixelrefer.cached_media import choice_letter_accuracy
+
+    model, processor = build("object_only")
+    records = cache_media(model, processor, shapes, progress=False)
+    choices = [(s, r) for s, r in zip(shapes, records) if s.task == "multiple_choice"]
+    assert choices and all(r.kind == s.meta["type"] for s, r in choices)
+    assert all(r.kind == "" for s, r in zip(shapes, records) if s.task != "multiple_choice")
+    open_id = processor.tokenizer.convert_tokens_to_ids("(")
+    scores = choice_letter_accuracy(model, records, open_id, batch_size=4)
+    assert scores["all"]["total"] == len(choices), "one lettered answer per multiple-choice record"
+    right = 0
+    with torch.no_grad():  # the same letters from the full model, one record at a time
+        for sample, record in choices:
+            batch = full_batch(processor, [sample])
+            labels = batch["labels"][0]
+            j = int(((labels[:-1] == open_id) & (labels[1:] != -100)).nonzero()[0])
+            right += int(model(**batch).logits[0, j].argmax() == labels[j + 1])
+    assert scores["all"]["right"] == right
+    assert sum(v["total"] for k, v in scores.items() if k != "all") == len(choices)
+
+
+@pytest.mark.slow
+def test_choice_letters_teacher_forced_are_the_generated_letters(tmp_path):
+    """What the in-training probe reports is what the benchmark scores: the embedded model opens its answer
+    with "(", so its greedy letter is the teacher-forced one, question by question."""
+    import pixelrefer
+    from pixelrefer.cached_media import choice_letter_accuracy
+    from pixelrefer.data import generate_shapesworld, load_annotations
+    from pixelrefer.data.sample import SampleInputs
+    from pixelrefer.evaluation.choice import score_item
+    from pixelrefer.evaluation.models import PixelReferModel
+
+    paths = generate_shapesworld(tmp_path, seed=321, num_images=0, num_videos=4, splits=(1.0, 0.0, 0.0))
+    questions = [s for s in load_annotations(paths["train"], tmp_path) if s.task == "multiple_choice"]
+    model, processor = pixelrefer.load("shapes-tiny-lite")
+    records = cache_media(model, processor, questions, progress=False)
+    open_id = processor.tokenizer.convert_tokens_to_ids("(")
+    forced = [choice_letter_accuracy(model, [r], open_id)["all"]["right"] for r in records]
+    queries = []
+    for sample in questions:
+        text, image, video, masks = sample.load_media()
+        queries.append(SampleInputs(text[:1], image, video, masks))  # the question turn alone
+    predictions = PixelReferModel(model, processor, max_new_tokens=12)(queries)
+    generated = [int(score_item(s.id, p, s.meta["Answer"], type=s.meta["type"], options=s.meta["options"]).correct)
+                 for s, p in zip(questions, predictions)]
+    assert len(questions) >= 15 and forced == generated
