@@ -1,7 +1,7 @@
 """Do a model's per-frame object tokens carry motion, and how loudly? ShapesWorld video tracks, as JSON.
 
     python benchmarks/motion_readout.py --model shapes-tiny-lite [--data runs/eval-shapesworld]
-        [--train-records 200] [--ridge 1.0]
+        [--train-records 200] [--ridge 1.0] [--stage tokens|pre_mlp|centroids]
 
 Each object of each video-caption record is encoded alone; a ridge regression from a unit's mean object token
 to its mask centroid, fitted on the first `--train-records` train records, turns every test track into a
@@ -9,7 +9,9 @@ trajectory whose straight-line fit names a motion (`pixelrefer.analysis.probe.mo
 that rule on the true centroids; "location_share" how much of the tokens' raw variance location explains
 (overall and within tracks). Compare "tokens" with `video_caption_words.motion` of
 `benchmarks/shapesworld_accuracy.py`: high here and at chance there means the LLM does not read the motion its
-tokens carry. The split is the one the shipped models were trained beside.
+tokens carry. The split is the one the shipped models were trained beside. `--stage pre_mlp` reads the features
+entering the object MLP instead (after OCI in Lite), `--stage centroids` the k-means centroids: where along
+the object path location is lost.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 import torch
 
 import pixelrefer
-from pixelrefer.analysis.probe import motion_readout, track_features
+from pixelrefer.analysis.probe import TRACK_STAGES, motion_readout, track_features
 from pixelrefer.data import load_annotations
 from pixelrefer.evaluation.runners import add_split_arguments, split_from_arguments
 
@@ -32,6 +34,7 @@ def main() -> None:
     add_split_arguments(parser)
     parser.add_argument("--train-records", type=int, default=200)
     parser.add_argument("--ridge", type=float, default=1.0)
+    parser.add_argument("--stage", choices=TRACK_STAGES, default="tokens")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -41,9 +44,9 @@ def main() -> None:
     videos = {split: [s for s in load_annotations(root / f"{split}.json", root) if s.task == "video_caption"]
               for split in ("train", "test")}
     started = time.perf_counter()
-    fitted = track_features(model, processor, videos["train"][: args.train_records])
-    scored = track_features(model, processor, videos["test"])
-    report = {"model": args.model, "train_tracks": len(fitted.motions), **motion_readout(fitted, scored, ridge=args.ridge),
+    fitted = track_features(model, processor, videos["train"][: args.train_records], stage=args.stage)
+    scored = track_features(model, processor, videos["test"], stage=args.stage)
+    report = {"model": args.model, "stage": args.stage, "train_tracks": len(fitted.motions), **motion_readout(fitted, scored, ridge=args.ridge),
               "seconds": round(time.perf_counter() - started, 1)}
     print(json.dumps(report, indent=1))
 

@@ -11,6 +11,13 @@ ids, the labels, the language model's attention mask and the embeddings of the m
 image and video tokens) in sequence order. `train_on_cached_media` then rebuilds each batch's
 `inputs_embeds` as the LLM's own (trainable) token embeddings with the cached media written into their
 slots, and trains the LLM's parameters alone.
+
+With `objects=True` a record also keeps its object features as they enter the object MLP (SAOT centroids, or
+Lite's infused features), so a stage can train that MLP too: the k-means before it, the position encoding and
+OCI stay as they are, and the object tokens are recomputed from those features at every step, exactly as the
+full model computes them. This matters because the MLP is where location is lost: a linear readout of an
+object's motion from its first and last frame gets 99 % of held-out videos from the centroids, 96 % after
+OCI and 80 % from the tokens the MLP makes of them (shapes-tiny-lite, README "Object tokens that know where").
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from transformers import get_cosine_schedule_with_warmup
 from pixelrefer.errors import InputError
 
 LLM_PREFIXES = ("model.language_model.", "lm_head.")
+OBJECT_MLP = "model.object_tokenizer.mlp."
 
 
 @dataclass
@@ -39,6 +47,8 @@ class CachedRecord:
     media: (M, D) embeddings of the M media slots of `input_ids`, in sequence order.
     task: the record's task, for weighting; where: names the record in errors.
     kind: a multiple-choice record's question type (Bench-Q `type`: Basic, Sequential, …), else "".
+    objects: (N, K, C) features of the record's N object units before the object MLP, or None when not kept.
+    object_valid: (N, K) bool real tokens of those units (the MLP's output is zeroed elsewhere).
     """
 
     input_ids: Tensor
@@ -48,6 +58,8 @@ class CachedRecord:
     task: str
     where: str
     kind: str = ""
+    objects: Tensor | None = None
+    object_valid: Tensor | None = None
 
 
 class _Captured(Exception):
@@ -70,16 +82,26 @@ def _media_slots(input_ids: Tensor, media_ids: Tensor) -> Tensor:
 
 @torch.no_grad()
 def cache_media(model, processor, samples: Sequence, *, dtype: torch.dtype = torch.float32,
-                progress: bool = True) -> list[CachedRecord]:
+                progress: bool = True, objects: bool = False) -> list[CachedRecord]:
     """Every sample's media-slot embeddings as the model (in eval mode) computes them, one record at a time.
 
     A record that cannot be encoded raises `InputError` naming it. The embeddings are those the language
     model receives, taken by a forward pre-hook on `model.model.language_model`, so they include whatever the
-    model does before its LLM (SAOT, OCI, the image projector, video token compression).
+    model does before its LLM (SAOT, OCI, the image projector, video token compression). `objects=True` also
+    keeps each record's object features before the object MLP (`CachedRecord.objects`), for a stage that
+    trains that MLP.
     """
     language_model = model.model.language_model
     media_ids = torch.tensor(media_token_ids(model.config))
     captured: dict[str, Tensor] = {}
+    inner = model.model
+    object_features = inner.get_object_features
+
+    def keep_object_features(*args, **kwargs):
+        result = object_features(*args, **kwargs)
+        captured["objects"] = result.aggregated.features if result.infused is None else result.infused
+        captured["object_valid"] = result.valid
+        return result
 
     def hook(_module, _args, kwargs):
         captured["inputs_embeds"] = kwargs["inputs_embeds"]
@@ -90,6 +112,8 @@ def cache_media(model, processor, samples: Sequence, *, dtype: torch.dtype = tor
     model.eval()
     device = next(model.parameters()).device
     handle = language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    if objects:
+        inner.get_object_features = keep_object_features
     records = []
     try:
         for sample in tqdm(samples, desc="caching media tokens", disable=not progress):
@@ -115,6 +139,11 @@ def cache_media(model, processor, samples: Sequence, *, dtype: torch.dtype = tor
             if mask is None or mask.ndim != 2:
                 raise RuntimeError(f"{where}: expected a 2-D attention mask at the language model")
             slots = _media_slots(input_ids, media_ids.to(input_ids.device))
+            kept = {}
+            if objects:
+                width, tokens = _object_shape(model)
+                kept = dict(objects=captured.get("objects", embeds.new_zeros(0, tokens, width)).to("cpu", dtype),
+                            object_valid=captured.get("object_valid", torch.zeros(0, tokens, dtype=torch.bool)).cpu())
             records.append(CachedRecord(
                 input_ids=input_ids.cpu(),
                 labels=batch["labels"][0].cpu(),
@@ -123,15 +152,24 @@ def cache_media(model, processor, samples: Sequence, *, dtype: torch.dtype = tor
                 task=getattr(sample, "task", None) or "",
                 where=where,
                 kind=str((getattr(sample, "meta", None) or {}).get("type") or ""),
+                **kept,
             ))
     finally:
         handle.remove()
+        if objects:
+            del inner.get_object_features  # back to the class's method
         model.train(was_training)
     return records
 
 
+def _object_shape(model) -> tuple[int, int]:
+    """(C, K): the width of the features entering the object MLP and the tokens per object unit."""
+    return model.config.vision_config.hidden_size, model.model.object_tokenizer.num_tokens
+
+
 def collate_cached(records: Sequence[CachedRecord], pad_token_id: int) -> dict[str, Tensor]:
-    """Right-pad records into (B, L) input_ids / labels / attention_mask and list their media, batch order."""
+    """Right-pad records into (B, L) input_ids / labels / attention_mask and list their media, batch order;
+    with the records' object features ("objects", "object_valid") when they all kept them."""
     length = max(r.input_ids.shape[0] for r in records)
     input_ids = torch.full((len(records), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(records), length), -100, dtype=torch.long)
@@ -139,19 +177,40 @@ def collate_cached(records: Sequence[CachedRecord], pad_token_id: int) -> dict[s
     for b, record in enumerate(records):
         n = record.input_ids.shape[0]
         input_ids[b, :n], labels[b, :n], attention[b, :n] = record.input_ids, record.labels, record.attention_mask
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention,
-            "media": torch.cat([r.media for r in records])}
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention,
+             "media": torch.cat([r.media for r in records])}
+    kept = [r.objects is not None for r in records]
+    if any(kept):
+        if not all(kept):
+            missing = next(r.where for r in records if r.objects is None)
+            raise ValueError(f"{missing} was cached without its object features, other records of the batch with them")
+        batch["objects"] = torch.cat([r.objects for r in records])
+        batch["object_valid"] = torch.cat([r.object_valid for r in records])
+    return batch
 
 
 def cached_embeds(model, batch: dict[str, Tensor]) -> Tensor:
-    """(B, L, D) inputs of a collated batch: the LLM's token embeddings with the cached media in their slots."""
+    """(B, L, D) inputs of a collated batch: the LLM's token embeddings with the cached media in their slots.
+
+    A batch with "objects" gets its `<REGION>` slots from the model's object MLP run on them (so the MLP is
+    trained through this), the other media slots from the cache.
+    """
+    from pixelrefer.modeling.pixelrefer import ObjectFeatures
+
     input_ids = batch["input_ids"]
     embeds = model.get_input_embeddings()(input_ids)
     slots = _media_slots(input_ids, torch.tensor(media_token_ids(model.config), device=input_ids.device))
     media = batch["media"].to(embeds.device, embeds.dtype)
     if int(slots.sum()) != media.shape[0]:
         raise ValueError(f"{media.shape[0]} cached media embeddings for {int(slots.sum())} media slots")
-    return embeds.masked_scatter(slots.unsqueeze(-1), media)
+    embeds = embeds.masked_scatter(slots.unsqueeze(-1), media)
+    if "objects" not in batch:
+        return embeds
+    inner = model.model
+    valid = batch["object_valid"].to(embeds.device)
+    features = batch["objects"].to(embeds.device, next(inner.object_tokenizer.parameters()).dtype)
+    tokens = inner.object_tokenizer.project(features) * valid[..., None]  # (N, K, D), as get_object_features
+    return inner.scatter_object_tokens(input_ids, embeds, ObjectFeatures(tokens=tokens, valid=valid))
 
 
 def cached_loss(model, batch: dict[str, Tensor]) -> Tensor:
@@ -214,20 +273,30 @@ def weighted_indices(records: Sequence[CachedRecord], task_weights: dict[str, in
 def train_on_cached_media(model, records: Sequence[CachedRecord], *, steps: int, lr: float, batch_size: int,
                           seed: int = 0, warmup_ratio: float = 0.03, task_weights: dict[str, int] | None = None,
                           autocast: Callable = contextlib.nullcontext,
-                          callback: Callable[[int, float], None] | None = None) -> list[float]:
+                          callback: Callable[[int, float], None] | None = None,
+                          object_mlp_lr: float | None = None) -> list[float]:
     """Train the LLM (embeddings, layers, head) on cached records; returns the per-step losses.
 
     Each step draws `batch_size` records with replacement from the task-weighted pool (seeded by `seed`).
     AdamW, cosine schedule with warm-up, gradient norm clipped at 1; only the LLM's parameters are given to
-    the optimizer, so the rest of the model is untouched. `callback(step, loss)` runs after each step.
+    the optimizer, so the rest of the model is untouched. `object_mlp_lr` trains the object MLP too, at that
+    rate, on records cached with `objects=True`. `callback(step, loss)` runs after each step.
     """
     if not records:
         raise ValueError("no cached records to train on")
     device = next(model.parameters()).device
     pool = weighted_indices(records, task_weights or {})
     rng = np.random.default_rng(seed)
-    parameters = [p for n, p in model.named_parameters() if n.startswith(LLM_PREFIXES)]
-    optimizer = torch.optim.AdamW(parameters, lr=lr)
+    named = dict(model.named_parameters())
+    groups = [{"params": [p for n, p in named.items() if n.startswith(LLM_PREFIXES)], "lr": lr}]
+    if object_mlp_lr is not None:
+        lacking = next((r.where for r in records if r.objects is None), None)
+        if lacking is not None:
+            raise ValueError(f"object_mlp_lr trains the object MLP, but {lacking} was cached without its object "
+                             "features: cache with objects=True")
+        groups.append({"params": [p for n, p in named.items() if n.startswith(OBJECT_MLP)], "lr": object_mlp_lr})
+    parameters = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=lr)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * steps), steps)
     pad = model.config.text_config.pad_token_id
     pad = 0 if pad is None else pad
@@ -238,7 +307,7 @@ def train_on_cached_media(model, records: Sequence[CachedRecord], *, steps: int,
         batch = {k: v.to(device) for k, v in collate_cached(chosen, pad).items()}
         with autocast():
             loss = cached_loss(model, batch)
-        optimizer.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)  # also what reached modules the optimizer does not train
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()

@@ -40,7 +40,9 @@ Notable:
   main stage's records or on a ShapesWorld of its own. The per-frame object tokens carry where an object is,
   but the LLM needs thousands of video questions before it compares them across frames (motion, speed, the
   future); with the encoders frozen each step costs the LLM alone. A stage may first scale the position
-  Linear (Eq. 5) so that location is loud in the tokens it caches. Saved to `media_stage/`, `media_stage_2/`…
+  Linear (Eq. 5) so that location is loud in the tokens it caches, and may train the object MLP along
+  (`object_mlp_lr`; the features entering it are cached instead of its tokens), which is where location was
+  being lost. Saved to `media_stage/`, `media_stage_2/`…
   and reused like the other stages; their settings are not part of the main stage's trajectory, so stages can
   follow a finished run.
 """
@@ -160,7 +162,9 @@ class MediaStage:
     `position_scale` multiplies the weight of the object tokenizer's position Linear (Eq. 5) before the
     tokens are cached: location gets louder in every object token while the object MLP stays as trained; the
     scaled weight is saved with the stage. `mixed_precision` "bf16" runs the LLM under bf16 autocast, on a
-    GPU or on a CPU with bf16 matrix units (AMX), whatever the main stage's precision.
+    GPU or on a CPU with bf16 matrix units (AMX), whatever the main stage's precision. `object_mlp_lr` trains
+    the object MLP (SAOT's Linear-GELU-Linear after k-means and OCI) at that rate beside the LLM; None keeps it
+    frozen.
     """
 
     steps: int
@@ -170,6 +174,7 @@ class MediaStage:
     task_weights: dict = field(default_factory=dict)  # as TrainConfig.task_weights
     position_scale: float = 1.0
     mixed_precision: str = "no"
+    object_mlp_lr: float | None = None
 
     @classmethod
     def parse(cls, spec: dict, index: int) -> "MediaStage":
@@ -186,6 +191,9 @@ class MediaStage:
             raise ValueError(f"{where}: position_scale must be positive, got {stage.position_scale!r}")
         if stage.mixed_precision not in ("no", "bf16"):
             raise ValueError(f"{where}: mixed_precision must be 'no' or 'bf16', got {stage.mixed_precision!r}")
+        if stage.object_mlp_lr is not None and not (isinstance(stage.object_mlp_lr, (int, float))
+                                                    and stage.object_mlp_lr > 0):
+            raise ValueError(f"{where}: object_mlp_lr must be a positive number or None, got {stage.object_mlp_lr!r}")
         return stage
 
     @staticmethod
@@ -717,7 +725,7 @@ class Trainer:
     def media_stage(self, index: int = 0) -> list[float]:
         """Frozen-media stage `index`: cache every record's media tokens, then fit the LLM alone on them (main
         process); loaded everywhere after, and loaded instead of refit when its folder exists."""
-        from pixelrefer.cached_media import cache_media, train_on_cached_media
+        from pixelrefer.cached_media import OBJECT_MLP, cache_media, train_on_cached_media
 
         cfg, acc = self.config, self.accelerator
         stage = cfg.frozen_media_stages()[index]
@@ -728,6 +736,8 @@ class Trainer:
             if getattr(model.model.object_tokenizer, "position_proj", None) is None:
                 raise ValueError(f"media_stages[{index}]: position_scale needs the position encoding, "
                                  "which this model does not use")
+        if stage.object_mlp_lr is not None:
+            prefixes += (OBJECT_MLP,)
         autocast = acc.autocast
         if stage.mixed_precision == "bf16":
             device = next(model.parameters()).device
@@ -738,10 +748,11 @@ class Trainer:
                 with torch.no_grad():
                     model.model.object_tokenizer.position_proj.weight.mul_(stage.position_scale)
             records = cache_media(model, self.processor, self.media_stage_samples(index),
-                                  progress=acc.is_main_process)
+                                  progress=acc.is_main_process, objects=stage.object_mlp_lr is not None)
             return train_on_cached_media(
                 model, records, steps=stage.steps, lr=stage.lr, batch_size=stage.batch_size, seed=cfg.seed,
-                warmup_ratio=cfg.warmup_ratio, task_weights=stage.task_weights, autocast=autocast)
+                warmup_ratio=cfg.warmup_ratio, task_weights=stage.task_weights, autocast=autocast,
+                object_mlp_lr=stage.object_mlp_lr)
 
         return self._saved_stage(MediaStage.folder(index), "language_model.safetensors", model, fit,
                                  prefixes=prefixes)

@@ -224,9 +224,11 @@ def test_shapesworld_accuracy_reads_a_questions_options_and_groups_flags_by_type
 def test_motion_readout_script_reports_the_readout_of_an_embedded_model(tmp_path):
     done = subprocess.run([sys.executable, "benchmarks/motion_readout.py", "--model", "shapes-tiny-lite", "--data",
                            str(tmp_path), "--num-images", "2", "--num-videos", "20", "--train-records", "8",
-                           "--threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--threads", "1", "--stage", "pre_mlp"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
+    assert report["stage"] == "pre_mlp"
     assert report["model"] == "shapes-tiny-lite" and report["tracks"] >= 2 and report["train_tracks"] >= 8
     assert report["centres"] == 1.0 and 0 <= report["tokens"] <= 1 and 0 <= report["location_share"] <= 1
 

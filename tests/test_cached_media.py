@@ -74,6 +74,41 @@ def test_only_the_llm_trains_and_the_global_rng_stays(shapes):
     assert train_on_cached_media(again, records, steps=40, lr=3e-3, batch_size=4, seed=1) == losses
 
 
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_object_features_rebuild_the_object_tokens_and_train_the_object_mlp(framework, shapes):
+    from pixelrefer.cached_media import OBJECT_MLP, cached_embeds
+
+    model, processor = build(framework)
+    plain = cache_media(model, processor, shapes, progress=False)
+    kept = cache_media(model, processor, shapes, progress=False, objects=True)
+    K, C = model.config.num_object_tokens, model.config.vision_config.hidden_size
+    pad = model.config.text_config.pad_token_id
+    with torch.no_grad():
+        for sample, record, cached in zip(shapes, kept, plain):
+            regions = int((record.input_ids == model.config.region_token_id).sum())
+            assert record.objects.shape == (regions // K, K, C) and record.object_valid.shape == (regions // K, K)
+            assert torch.equal(record.media, cached.media)
+            full = model(**full_batch(processor, [sample])).loss
+            assert torch.equal(cached_loss(model, collate_cached([record], pad)), full), sample.where
+        # the object MLP run on the kept features writes exactly what the cache holds
+        assert torch.equal(cached_embeds(model, collate_cached(kept, pad)), cached_embeds(model, collate_cached(plain, pad)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = train_on_cached_media(model, kept, steps=30, lr=3e-3, batch_size=4, seed=1, object_mlp_lr=3e-3)
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    mlp = {k for k in before if k.startswith(OBJECT_MLP)}
+    assert mlp and mlp <= changed
+    assert all(k.startswith(("model.language_model.", "lm_head.", OBJECT_MLP)) for k in changed)
+    # the features themselves stay put: only what comes after them trains
+    fresh = cache_media(build(framework)[0], processor, shapes, progress=False, objects=True)
+    assert all(torch.equal(r.objects, k.objects) for r, k in zip(kept, fresh))
+    with pytest.raises(ValueError, match="cached without its object features"):
+        train_on_cached_media(model, plain, steps=1, lr=1e-3, batch_size=2, object_mlp_lr=1e-3)
+    with pytest.raises(ValueError, match=f"{plain[1].where} was cached without its object features"):
+        collate_cached([kept[0], plain[1]], pad)
+
+
 def test_a_bad_record_is_named(shapes):
     model, processor = build("object_only")
 

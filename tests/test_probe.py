@@ -195,6 +195,17 @@ def test_track_features_give_one_unit_per_frame_an_object_is_seen(tmp_path):
     assert result["centres"] == 1.0 and result["location_r2"] > 0.5
     with pytest.raises(ValueError, match="motion label"):
         track_features(model, processor, [s for s in load_annotations(paths["train"], tmp_path) if s.image])
+    # the other stages: the same units in the vision width; Lite's "pre_mlp" is after OCI, so not the centroids
+    width = model.config.vision_config.hidden_size
+    centroids = track_features(model, processor, records, stage="centroids")
+    pre_mlp = track_features(model, processor, records, stage="pre_mlp")
+    assert centroids.features.shape == pre_mlp.features.shape == (sum(seen), width)
+    assert torch.equal(centroids.track, tracks.track) and not torch.allclose(centroids.features, pre_mlp.features)
+    plain, plain_processor = build("vision_object", position_init_std=3.0)
+    assert torch.equal(track_features(plain, plain_processor, records[:1], stage="pre_mlp").features,
+                       track_features(plain, plain_processor, records[:1], stage="centroids").features)
+    with pytest.raises(ValueError, match="stage must be one of"):
+        track_features(model, processor, records, stage="mlp")
 
 
 def test_location_share_is_the_part_of_the_raw_variance_location_explains():

@@ -514,12 +514,38 @@ def test_media_stages_run_in_order_and_one_can_scale_the_position_encoding(tmp_p
     assert torch.equal(model.model.object_tokenizer.position_proj.weight, final[weight])
 
 
+def test_a_media_stage_can_train_the_object_mlp(tmp_path):
+    from pixelrefer.cached_media import OBJECT_MLP
+    from pixelrefer.training import POSITION_LINEAR, MediaStage
+
+    plain = Trainer(config(tmp_path, "mlp", steps=2), samples())
+    plain.run()
+    before = load_file(tmp_path / "mlp" / "final" / "model.safetensors")
+    stages = [dict(steps=4, batch_size=2, lr=3e-3, object_mlp_lr=3e-3, position_scale=2.0)]
+    staged = Trainer(config(tmp_path, "mlp", steps=2, media_stages=stages), samples())
+    staged.run()
+    final = load_file(tmp_path / "mlp" / "final" / "model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], final[k])}
+    mlp = {k for k in before if k.startswith(OBJECT_MLP)}
+    assert mlp and mlp <= changed, "every object MLP weight moved"
+    assert changed - mlp - {f"{POSITION_LINEAR}.weight"}
+    assert all(k.startswith(("model.language_model.", "lm_head.")) for k in changed - mlp - {f"{POSITION_LINEAR}.weight"})
+    saved = load_file(tmp_path / "mlp" / MediaStage.folder(0) / "language_model.safetensors")
+    assert mlp <= set(saved), "the stage saves the object MLP it trained"
+    again = Trainer(config(tmp_path, "mlp", steps=2, media_stages=stages), samples())
+    assert again.media_stage(0) == []
+    reloaded = again.accelerator.unwrap_model(again.model).state_dict()
+    assert all(torch.equal(final[k], reloaded[k]) for k in changed)
+
+
 @pytest.mark.parametrize("spec, message", [
     ({"lr": 1e-3}, "'steps' is required"),
     ({"steps": 2, "epochs": 1}, r"unknown fields \['epochs'\]"),
     ({"steps": 0}, "steps must be a positive integer"),
     ({"steps": 2, "position_scale": 0}, "position_scale must be positive"),
     ({"steps": 2, "mixed_precision": "fp8"}, "mixed_precision must be 'no' or 'bf16'"),
+    ({"steps": 2, "object_mlp_lr": 0}, "object_mlp_lr must be a positive number or None"),
+    ({"steps": 2, "object_mlp_lr": "1e-3"}, "object_mlp_lr must be a positive number or None"),
     ("steps=2", "must be a dict"),
 ])
 def test_a_bad_media_stage_is_named(spec, message):

@@ -162,6 +162,9 @@ def location_r2(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tens
     return float(1 - residual / ((y_test - y_test.mean(0)) ** 2).sum())
 
 
+TRACK_STAGES = ("tokens", "pre_mlp", "centroids")
+
+
 @dataclass
 class TrackFeatures:
     """Per (object, frame) unit of some video records: its mean object token, its mask centroid (x, y as
@@ -176,9 +179,16 @@ class TrackFeatures:
 
 
 @torch.no_grad()
-def track_features(model, processor, samples: Sequence) -> TrackFeatures:
+def track_features(model, processor, samples: Sequence, *, stage: str = "tokens") -> TrackFeatures:
     """`TrackFeatures` of every video record of `samples` whose objects carry a `motion` label (ShapesWorld
-    video captions): each object alone in a prompt, as the tokens of one video `<region>`."""
+    video captions): each object alone in a prompt, as the tokens of one video `<region>`.
+
+    stage: "tokens" (what the LLM receives), "pre_mlp" (the features entering the object MLP: Lite's infused
+    features, else the SAOT centroids) or "centroids" (k-means centroids, before OCI); the mean is over each
+    unit's real tokens.
+    """
+    if stage not in TRACK_STAGES:
+        raise ValueError(f"stage must be one of {TRACK_STAGES}, got {stage!r}")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -199,8 +209,10 @@ def track_features(model, processor, samples: Sequence) -> TrackFeatures:
             encoded = processor(text=[prompt], images=[None], videos=[video], masks=[[spec]])
             regions = {key: v.to(device) for key, v in encoded.items() if key.startswith("region_") and torch.is_tensor(v)}
             out = model.get_object_features(**regions)
-            valid = out.valid.to(out.tokens.dtype)[..., None]
-            features.append(((out.tokens * valid).sum(1) / valid.sum(1).clamp(min=1)).float().cpu())
+            chosen = {"tokens": out.tokens, "centroids": out.aggregated.features,
+                      "pre_mlp": out.aggregated.features if out.infused is None else out.infused}[stage]
+            valid = out.valid.to(chosen.dtype)[..., None]
+            features.append(((chosen * valid).sum(1) / valid.sum(1).clamp(min=1)).float().cpu())
             height, width = next(iter(spec.values())).shape[-2:]
             size = (int(height), int(width))
             for t in frames:
