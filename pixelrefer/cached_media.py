@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from pixelrefer.errors import InputError
+from pixelrefer.stage_checkpoint import StageCheckpoint
 
 LLM_PREFIXES = ("model.language_model.", "lm_head.")
 OBJECT_MLP = "model.object_tokenizer.mlp."
@@ -274,13 +275,15 @@ def train_on_cached_media(model, records: Sequence[CachedRecord], *, steps: int,
                           seed: int = 0, warmup_ratio: float = 0.03, task_weights: dict[str, int] | None = None,
                           autocast: Callable = contextlib.nullcontext,
                           callback: Callable[[int, float], None] | None = None,
-                          object_mlp_lr: float | None = None) -> list[float]:
+                          object_mlp_lr: float | None = None, checkpoint: StageCheckpoint | None = None) -> list[float]:
     """Train the LLM (embeddings, layers, head) on cached records; returns the per-step losses.
 
     Each step draws `batch_size` records with replacement from the task-weighted pool (seeded by `seed`).
     AdamW, cosine schedule with warm-up, gradient norm clipped at 1; only the LLM's parameters are given to
     the optimizer, so the rest of the model is untouched. `object_mlp_lr` trains the object MLP too, at that
-    rate, on records cached with `objects=True`. `callback(step, loss)` runs after each step.
+    rate, on records cached with `objects=True`. `callback(step, loss)` runs after each step. `checkpoint`
+    (`pixelrefer.stage_checkpoint`) saves what trains, the optimizer and the sampler every few steps and
+    continues from its last save.
     """
     if not records:
         raise ValueError("no cached records to train on")
@@ -288,6 +291,7 @@ def train_on_cached_media(model, records: Sequence[CachedRecord], *, steps: int,
     pool = weighted_indices(records, task_weights or {})
     rng = np.random.default_rng(seed)
     named = dict(model.named_parameters())
+    trained = LLM_PREFIXES
     groups = [{"params": [p for n, p in named.items() if n.startswith(LLM_PREFIXES)], "lr": lr}]
     if object_mlp_lr is not None:
         lacking = next((r.where for r in records if r.objects is None), None)
@@ -295,14 +299,17 @@ def train_on_cached_media(model, records: Sequence[CachedRecord], *, steps: int,
             raise ValueError(f"object_mlp_lr trains the object MLP, but {lacking} was cached without its object "
                              "features: cache with objects=True")
         groups.append({"params": [p for n, p in named.items() if n.startswith(OBJECT_MLP)], "lr": object_mlp_lr})
+        trained += (OBJECT_MLP,)
     parameters = [p for group in groups for p in group["params"]]
     optimizer = torch.optim.AdamW(groups, lr=lr)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * steps), steps)
     pad = model.config.text_config.pad_token_id
     pad = 0 if pad is None else pad
-    losses = []
+    saved = dict(tensors={n: p for n, p in named.items() if n.startswith(trained)},
+                 optimizer=optimizer, scheduler=scheduler, sampler=rng)
+    start, losses = checkpoint.restore(**saved) if checkpoint else (0, [])
     model.train()
-    for step in tqdm(range(1, steps + 1), desc="frozen-media stage"):
+    for step in tqdm(range(start + 1, steps + 1), initial=start, total=steps, desc="frozen-media stage"):
         chosen = [records[pool[i]] for i in rng.integers(0, len(pool), size=batch_size)]
         batch = {k: v.to(device) for k, v in collate_cached(chosen, pad).items()}
         with autocast():
@@ -313,6 +320,8 @@ def train_on_cached_media(model, records: Sequence[CachedRecord], *, steps: int,
         optimizer.step()
         scheduler.step()
         losses.append(loss.item())
+        if checkpoint and checkpoint.due(step, steps):
+            checkpoint.save(step, losses, **saved)
         if callback is not None:
             callback(step, losses[-1])
     return losses

@@ -73,12 +73,14 @@ from pixelrefer.cached_media import LLM_PREFIXES
 from pixelrefer.errors import InputError
 from pixelrefer.inference import load
 from pixelrefer.processing import PixelReferProcessor
+from pixelrefer.stage_checkpoint import StageCheckpoint
 
 STAGE_LEARNING_RATES = {
     1: dict(llm=1e-5, projector=1e-5, object_encoder=1e-3),
     2: dict(llm=1e-5, projector=1e-5, object_encoder=1e-5),
 }
 CHECKPOINTS = "checkpoints"
+PARTIAL = ".partial"  # suffix of a stage's checkpoint folder (`Trainer.stage_checkpoint`)
 VISION_PRETRAIN = "vision_pretrain"
 LLM_PRETRAIN = "llm_pretrain"
 MEDIA_STAGE = "media_stage"
@@ -427,7 +429,9 @@ def pooled_object_features(model, processor: PixelReferProcessor, samples: Seque
 
 def pretrain_vision_encoder(model, processor: PixelReferProcessor, samples: Sequence, *, steps: int, lr: float,
                             batch_size: int, seed: int = 0, warmup_ratio: float = 0.03,
-                            autocast: Callable = contextlib.nullcontext) -> list[float]:
+                            autocast: Callable = contextlib.nullcontext,
+                            callback: Callable[[int, float], None] | None = None,
+                            checkpoint: StageCheckpoint | None = None) -> list[float]:
     """Stage 0: train `model`'s vision encoder to name each object's category and colour (and size).
 
     Each step encodes `batch_size` labelled records with the processor (the object tokenizer's own crops),
@@ -436,7 +440,9 @@ def pretrain_vision_encoder(model, processor: PixelReferProcessor, samples: Sequ
     cross-entropies. An attribute is used when every labelled object has it (ShapesWorld's parts have no
     size, so its stage 0 names category and colour). Naming colour keeps it in the features: an encoder
     trained on categories alone forgot colour, and it stays frozen after. AdamW, cosine schedule with warm-up, gradient
-    norm clipped at 1. Returns the per-step losses.
+    norm clipped at 1. `callback(step, loss)` runs after each step; `checkpoint` saves the encoder, the heads and
+    the optimizer every few steps and continues from its last save (`pixelrefer.stage_checkpoint`). Returns the
+    per-step losses.
     """
     chosen, attributes = labelled_objects(samples)
     if not chosen:
@@ -457,9 +463,12 @@ def pretrain_vision_encoder(model, processor: PixelReferProcessor, samples: Sequ
     parameters = list(vision.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=lr)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * steps), steps)
-    losses = []
+    tensors = {**{f"vision.{n}": p for n, p in vision.named_parameters()},
+               **{f"heads.{n}": p for n, p in heads.named_parameters()}}
+    saved = dict(tensors=tensors, optimizer=optimizer, scheduler=scheduler, sampler=generator)
+    start, losses = checkpoint.restore(**saved) if checkpoint else (0, [])
     vision.train()
-    for _ in tqdm(range(steps), desc="stage 0: vision encoder"):
+    for step in tqdm(range(start + 1, steps + 1), initial=start, total=steps, desc="stage 0: vision encoder"):
         picks = torch.randint(len(chosen), (batch_size,), generator=generator).tolist()
         items = [samples[chosen[i]] for i in picks]
         pooled = pooled_object_features(model, processor, items, autocast=autocast)
@@ -469,6 +478,10 @@ def pretrain_vision_encoder(model, processor: PixelReferProcessor, samples: Sequ
                 torch.tensor([values.index(o[name]) for item in items for o in item.meta["objects"]], device=device))
             for name, values in attributes.items())
         losses.append(_descend(loss, optimizer, scheduler, parameters))
+        if checkpoint and checkpoint.due(step, steps):
+            checkpoint.save(step, losses, **saved)
+        if callback is not None:
+            callback(step, losses[-1])
     for parameter, flag in zip(vision.parameters(), trainable):
         parameter.requires_grad_(flag)
     return losses
@@ -477,7 +490,8 @@ def pretrain_vision_encoder(model, processor: PixelReferProcessor, samples: Sequ
 def pretrain_language_model(model, processor: PixelReferProcessor, *, steps: int, lr: float, batch_size: int,
                             seed: int = 0, warmup_ratio: float = 0.03, max_objects: int = 1,
                             autocast: Callable = contextlib.nullcontext,
-                            callback: Callable[[int, float], None] | None = None) -> list[float]:
+                            callback: Callable[[int, float], None] | None = None,
+                            checkpoint: StageCheckpoint | None = None) -> list[float]:
     """LLM stage: train `model`'s LLM (embeddings, layers, head) on text-only lettered questions.
 
     Each step draws `batch_size` conversations from `pixelrefer.data.text_tasks.text_choice` (seeded by
@@ -485,23 +499,28 @@ def pretrain_language_model(model, processor: PixelReferProcessor, *, steps: int
     stayed at chance for 5000 steps, with one it learns the letters, see `benchmarks/text_choice.py`),
     encodes them with the processor (no image, no region) and minimises the model's loss on the answers.
     AdamW, cosine schedule with warm-up, gradient norm clipped at 1; only the LLM's parameters are given to
-    the optimizer. `callback(step, loss)` runs after each step (e.g. to measure or save the LLM on the way).
+    the optimizer. `callback(step, loss)` runs after each step (e.g. to measure or save the LLM on the way);
+    `checkpoint` saves the LLM and the optimizer every few steps and continues from its last save.
     Returns the per-step losses.
     """
     from pixelrefer.data.text_tasks import text_choice
 
     device = next(model.parameters()).device
     rng = np.random.default_rng(seed)
-    parameters = [p for n, p in model.named_parameters() if n.startswith(LLM_PREFIXES)]
+    named = {n: p for n, p in model.named_parameters() if n.startswith(LLM_PREFIXES)}
+    parameters = list(named.values())
     optimizer = torch.optim.AdamW(parameters, lr=lr)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * steps), steps)
-    losses = []
+    saved = dict(tensors=named, optimizer=optimizer, scheduler=scheduler, sampler=rng)
+    start, losses = checkpoint.restore(**saved) if checkpoint else (0, [])
     model.train()
-    for step in tqdm(range(1, steps + 1), desc="LLM stage: lettered questions"):
+    for step in tqdm(range(start + 1, steps + 1), initial=start, total=steps, desc="LLM stage: lettered questions"):
         batch = processor(text=[text_choice(rng, max_objects=max_objects) for _ in range(batch_size)]).to(device)
         with autocast():
             loss = model(**batch).loss
         losses.append(_descend(loss, optimizer, scheduler, parameters))
+        if checkpoint and checkpoint.due(step, steps):
+            checkpoint.save(step, losses, **saved)
         if callback is not None:
             callback(step, losses[-1])
     return losses
@@ -674,15 +693,20 @@ class Trainer:
         self.step += 1
         return acc.reduce(summed, reduction="sum").item()
 
-    def run(self, stop_after: int | None = None, callback: Callable[[int, float], None] | None = None) -> TrainResult:
-        """Train to `config.steps` (or stop after `stop_after` steps of this call), resuming if a checkpoint exists."""
+    def run(self, stop_after: int | None = None, callback: Callable[[int, float], None] | None = None,
+            stage_callback: Callable[[str, int, float], None] | None = None) -> TrainResult:
+        """Train to `config.steps` (or stop after `stop_after` steps of this call), resuming if a checkpoint exists.
+
+        `callback(step, loss)` runs after each main step, `stage_callback(stage, step, loss)` after each step of
+        stage 0, the LLM stage and the frozen-media stages (`stage` is the stage's folder name).
+        """
         cfg, acc = self.config, self.accelerator
         started = time.perf_counter()
         if not self.resume():
             if cfg.vision_pretrain_steps:
-                self.pretrain_vision()
+                self.pretrain_vision(stage_callback)
             if cfg.llm_pretrain_steps:
-                self.pretrain_llm()
+                self.pretrain_llm(stage_callback)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not acc.is_main_process, desc="train")
         done = 0
         prepared = self._prepared_steps(self.step)
@@ -702,34 +726,42 @@ class Trainer:
         final = self.output / "final"
         if self.step == cfg.steps:
             for index in range(len(cfg.frozen_media_stages())):
-                self.media_stage(index)
+                self.media_stage(index, stage_callback)
             self.save_model(final)
             if acc.is_main_process:
                 atomic_write_text(final / "loss_history.json", json.dumps(self.losses))
         return TrainResult(self.losses, final, self.skipped, time.perf_counter() - started)
 
     # ------------------------------------------------------------ stage 0 and the LLM stage
-    def pretrain_vision(self) -> list[float]:
+    def pretrain_vision(self, callback: Callable[[str, int, float], None] | None = None) -> list[float]:
         """Stage 0: fit the vision encoder to object categories (main process), then load it everywhere."""
         cfg, acc = self.config, self.accelerator
         model = acc.unwrap_model(self.model)
         fit = functools.partial(
             pretrain_vision_encoder, model, self.processor, self.samples, steps=cfg.vision_pretrain_steps,
             lr=cfg.vision_pretrain_lr, batch_size=cfg.batch_size, seed=cfg.seed, warmup_ratio=cfg.warmup_ratio,
-            autocast=acc.autocast)
+            autocast=acc.autocast, callback=_named(callback, VISION_PRETRAIN),
+            checkpoint=self.stage_checkpoint(VISION_PRETRAIN))
         return self._saved_stage(VISION_PRETRAIN, "vision_encoder.safetensors", model.model.vision_model, fit)
 
-    def pretrain_llm(self) -> list[float]:
+    def pretrain_llm(self, callback: Callable[[str, int, float], None] | None = None) -> list[float]:
         """LLM stage: fit the LLM to text-only lettered questions (main process), then load it everywhere."""
         cfg, acc = self.config, self.accelerator
         model = acc.unwrap_model(self.model)
         fit = functools.partial(
             pretrain_language_model, model, self.processor, steps=cfg.llm_pretrain_steps, lr=cfg.llm_pretrain_lr,
             batch_size=cfg.llm_pretrain_batch_size or cfg.batch_size, seed=cfg.seed, warmup_ratio=cfg.warmup_ratio,
-            max_objects=cfg.llm_pretrain_max_objects, autocast=acc.autocast)
+            max_objects=cfg.llm_pretrain_max_objects, autocast=acc.autocast, callback=_named(callback, LLM_PRETRAIN),
+            checkpoint=self.stage_checkpoint(LLM_PRETRAIN))
         return self._saved_stage(LLM_PRETRAIN, "language_model.safetensors", model, fit, prefixes=LLM_PREFIXES)
 
-    def media_stage(self, index: int = 0) -> list[float]:
+    def stage_checkpoint(self, name: str, **settings) -> StageCheckpoint:
+        """Where stage `name` saves its progress every `save_every` steps: `output_dir/name.partial/`, tied to
+        the run's trajectory and the stage's own `settings` (removed once the stage's folder is written)."""
+        fingerprint = json.loads(json.dumps(dict(run=_trajectory(self.config), stage=name, **settings)))
+        return StageCheckpoint(self.output / f"{name}{PARTIAL}", self.config.save_every, fingerprint)
+
+    def media_stage(self, index: int = 0, callback: Callable[[str, int, float], None] | None = None) -> list[float]:
         """Frozen-media stage `index`: cache every record's media tokens, then fit the LLM alone on them (main
         process); loaded everywhere after, and loaded instead of refit when its folder exists."""
         from pixelrefer.cached_media import OBJECT_MLP, cache_media, train_on_cached_media
@@ -756,10 +788,13 @@ class Trainer:
                     model.model.object_tokenizer.position_proj.weight.mul_(stage.position_scale)
             records = cache_media(model, self.processor, self.media_stage_samples(index),
                                   progress=acc.is_main_process, objects=stage.object_mlp_lr is not None)
+            name = MediaStage.folder(index)
             return train_on_cached_media(
                 model, records, steps=stage.steps, lr=stage.lr, batch_size=stage.batch_size, seed=cfg.seed,
                 warmup_ratio=cfg.warmup_ratio, task_weights=stage.task_weights, autocast=autocast,
-                object_mlp_lr=stage.object_mlp_lr)
+                object_mlp_lr=stage.object_mlp_lr, callback=_named(callback, name),
+                checkpoint=self.stage_checkpoint(name, settings=dataclasses.asdict(stage),
+                                                 before=[dataclasses.asdict(s) for s in cfg.frozen_media_stages()[:index]]))
 
         return self._saved_stage(MediaStage.folder(index), "language_model.safetensors", model, fit,
                                  prefixes=prefixes)
@@ -781,7 +816,9 @@ class Trainer:
                      prefixes: tuple[str, ...] = ("",)) -> list[float]:
         """Run a pre-training stage once: `fit()` on the main process with the global RNG state put back after,
         `module`'s parameters under `prefixes` saved atomically to `output_dir/name/filename` with the losses,
-        then loaded on every process. A folder already there (a resumed or copied run) is loaded, not refit."""
+        then loaded on every process. A folder already there (a resumed or copied run) is loaded, not refit.
+        `fit` saves its progress in `output_dir/name.partial/` (`stage_checkpoint`), removed once the folder is
+        written, so a run killed inside a stage continues that stage where it stopped."""
         from safetensors.torch import load_file
 
         acc = self.accelerator
@@ -793,6 +830,7 @@ class Trainer:
             losses = fit()
             _set_rng_state(rng)
             save_stage(folder, filename, module, losses, prefixes)
+            shutil.rmtree(self.output / f"{name}{PARTIAL}", ignore_errors=True)  # the stage's own checkpoints
         acc.wait_for_everyone()
         state = load_file(weights)
         wanted = {k for k in module.state_dict() if k.startswith(prefixes)}
@@ -909,6 +947,11 @@ def _replace_dir(tmp: Path, path: Path) -> None:
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _named(callback: Callable[[str, int, float], None] | None, stage: str) -> Callable[[int, float], None] | None:
+    """A stage loop's `callback(step, loss)` that reports to `callback(stage, step, loss)`."""
+    return None if callback is None else functools.partial(callback, stage)
 
 
 def _rng_state() -> dict:

@@ -386,13 +386,13 @@ def test_llm_stage_batch_size_and_callback(tmp_path, monkeypatch):
 
     def spy(*args, **kwargs):
         drawn.append(kwargs["batch_size"])
-        return real(*args, **kwargs, callback=lambda step, loss: seen.append((step, loss)))
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(training, "pretrain_language_model", spy)
     trainer = Trainer(config(tmp_path, "batch", llm_pretrain_steps=3, llm_pretrain_batch_size=5, steps=1), samples())
-    losses = trainer.pretrain_llm()
+    losses = trainer.pretrain_llm(lambda stage, step, loss: seen.append((stage, step, loss)))
     assert drawn == [5], "the LLM stage draws llm_pretrain_batch_size questions per step, not batch_size (2)"
-    assert seen == list(zip([1, 2, 3], losses))
+    assert seen == [("llm_pretrain", step, loss) for step, loss in zip([1, 2, 3], losses)]
     drawn.clear()
     Trainer(config(tmp_path, "default", llm_pretrain_steps=1, steps=1), samples()).pretrain_llm()
     assert drawn == [2], "without llm_pretrain_batch_size the stage uses batch_size"
