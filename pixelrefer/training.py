@@ -26,7 +26,8 @@ Notable:
   categories. Stage 0 trains the vision encoder first to name each object's
   category and colour from the mean of its foreground cell features
   (linear heads, discarded after), on the records' own object labels and the
-  same crops the object tokenizer sees. It runs on the main process, is saved atomically to
+  same crops the object tokenizer sees, or on a ShapesWorld of its own
+  (`vision_pretrain_shapesworld`). It runs on the main process, is saved atomically to
   `vision_pretrain/`, loaded by the other processes and by a resumed run, and
   leaves the global RNG state untouched, so resumes stay exact.
 - LLM stage (`llm_pretrain_steps`, tiny models only), after stage 0: the paper starts from an instruction-tuned
@@ -121,6 +122,7 @@ class TrainConfig:
     skip_bad: bool = False
     vision_pretrain_steps: int = 0  # stage 0 (see the module docstring); 0 skips it
     vision_pretrain_lr: float = 3e-3
+    vision_pretrain_shapesworld: dict | None = None  # generate_shapesworld kwargs of stage 0's own images; None: the main stage's
     vision_encoder_from: str | None = None  # embedded model or checkpoint whose vision encoder to start from
     llm_pretrain_steps: int = 0  # LLM stage on text-only lettered questions (see the module docstring); 0 skips it
     llm_pretrain_lr: float = 1e-3
@@ -738,7 +740,7 @@ class Trainer:
         cfg, acc = self.config, self.accelerator
         model = acc.unwrap_model(self.model)
         fit = functools.partial(
-            pretrain_vision_encoder, model, self.processor, self.samples, steps=cfg.vision_pretrain_steps,
+            pretrain_vision_encoder, model, self.processor, self.vision_pretrain_samples(), steps=cfg.vision_pretrain_steps,
             lr=cfg.vision_pretrain_lr, batch_size=cfg.batch_size, seed=cfg.seed, warmup_ratio=cfg.warmup_ratio,
             autocast=acc.autocast, callback=_named(callback, VISION_PRETRAIN),
             checkpoint=self.stage_checkpoint(VISION_PRETRAIN))
@@ -805,11 +807,31 @@ class Trainer:
         stage = self.config.frozen_media_stages()[index]
         if not stage.shapesworld:
             return self.samples
+        return self._own_shapesworld(MediaStage.folder(index), stage.shapesworld, f"media_stages[{index}].shapesworld")
+
+    def vision_pretrain_samples(self) -> Sequence:
+        """Stage 0's records: its own ShapesWorld (`vision_pretrain_shapesworld`, generated once into
+        `output_dir`), else the main stage's. More images than the main stage has keep the encoder from
+        learning its training objects by heart (docs/embedded-models.md, "Stage 0 is data-limited")."""
+        spec = self.config.vision_pretrain_shapesworld
+        if not spec:
+            return self.samples
+        return self._own_shapesworld(VISION_PRETRAIN, spec, "vision_pretrain_shapesworld")
+
+    def _own_shapesworld(self, stage: str, spec: dict, where: str) -> Sequence:
+        """The train split of a ShapesWorld generated once, from `spec`, into `output_dir/<stage>_shapesworld`."""
+        import inspect
+
         from pixelrefer.data import generate_shapesworld, load_annotations
 
-        root = self.output / f"{MediaStage.folder(index)}_shapesworld"
+        if not isinstance(spec, dict):
+            raise ValueError(f"{where} must be a dict of generate_shapesworld arguments, got {spec!r}")
+        known = set(inspect.signature(generate_shapesworld).parameters) - {"out_dir"}
+        if unknown := sorted(set(spec) - known):
+            raise ValueError(f"{where}: unknown generate_shapesworld arguments {unknown}; known: {sorted(known)}")
+        root = self.output / f"{stage}_shapesworld"
         if not (root / "train.json").exists():
-            generate_shapesworld(root, **stage.shapesworld)
+            generate_shapesworld(root, **spec)
         return load_annotations(root / "train.json", root)
 
     def _saved_stage(self, name: str, filename: str, module: torch.nn.Module, fit: Callable[[], list[float]],

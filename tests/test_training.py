@@ -571,3 +571,20 @@ def test_train_configs_of_older_runs_load_their_single_media_stage(tmp_path):
     path.write_text(json.dumps({**data, **legacy, "media_stages": []}))
     with pytest.raises(ValueError, match="both media_stages and the older"):
         TrainConfig.load(path)
+
+
+def test_stage0_can_train_on_a_shapesworld_of_its_own(tmp_path):
+    spec = dict(seed=3, num_images=5, num_videos=0)
+    kwargs = dict(vision_pretrain_steps=2, vision_pretrain_lr=3e-3, batch_size=2, steps=1, save_every=100)
+    with pytest.raises(ValueError, match="objects carry categories"):
+        Trainer(config(tmp_path, "main-records", **kwargs), samples()).pretrain_vision()  # demo records have none
+    trainer = Trainer(config(tmp_path, "own", vision_pretrain_shapesworld=spec, **kwargs), samples())
+    records = trainer.vision_pretrain_samples()
+    assert records and all(r.image is not None for r in records)
+    written = (tmp_path / "own" / "vision_pretrain_shapesworld" / "train.json").read_bytes()
+    assert len(trainer.pretrain_vision()) == 2
+    assert (tmp_path / "own" / "vision_pretrain_shapesworld" / "train.json").read_bytes() == written, "generated once"
+    assert trainer.samples == samples(), "the main stage keeps its own records"
+    for bad, message in ((["seed", 3], "must be a dict"), ({"seeds": 3}, r"unknown generate_shapesworld arguments \['seeds'\]")):
+        with pytest.raises(ValueError, match=f"vision_pretrain_shapesworld.*{message}"):
+            Trainer(config(tmp_path, "bad", vision_pretrain_shapesworld=bad, **kwargs), samples()).vision_pretrain_samples()
