@@ -136,3 +136,15 @@ def test_stage_checkpoint_saves_and_restores_everything_a_stage_needs(tmp_path):
         assert not ckpt.folder.exists()
     with pytest.raises(ValueError, match="positive integer"):
         StageCheckpoint(tmp_path, every=0)
+
+
+def test_a_run_killed_while_a_media_stage_continues_stage0_continues_exactly(tmp_path):
+    stages = [dict(steps=3, batch_size=2, object_mlp_lr=3e-3, vision_steps=5, vision_batch_size=2,
+                   vision_shapesworld=dict(seed=3, num_images=5, num_videos=0))]
+    kwargs = dict(steps=2, save_every=2, media_stages=stages)
+    stage = MediaStage.folder(0)
+    whole, killed, saved_step, seen = _interrupted_and_whole(tmp_path, f"{stage}_vision", 3, samples(), **kwargs)
+    assert saved_step == 2
+    assert [(name, at) for name, at in seen] == [(f"{stage}_vision", 3), (f"{stage}_vision", 4), (f"{stage}_vision", 5),
+                                                 (stage, 1), (stage, 2), (stage, 3)]
+    _same_outputs(whole, killed, stage, "language_model.safetensors")

@@ -588,3 +588,38 @@ def test_stage0_can_train_on_a_shapesworld_of_its_own(tmp_path):
     for bad, message in ((["seed", 3], "must be a dict"), ({"seeds": 3}, r"unknown generate_shapesworld arguments \['seeds'\]")):
         with pytest.raises(ValueError, match=f"vision_pretrain_shapesworld.*{message}"):
             Trainer(config(tmp_path, "bad", vision_pretrain_shapesworld=bad, **kwargs), samples()).vision_pretrain_samples()
+
+
+def test_a_media_stage_can_continue_stage0_first_and_saves_the_encoder(tmp_path):
+    from pixelrefer.cached_media import OBJECT_MLP
+    from pixelrefer.training import VISION_MODEL, MediaStage
+
+    plain = Trainer(config(tmp_path, "enc", steps=2), samples())
+    plain.run()
+    before = load_file(tmp_path / "enc" / "final" / "model.safetensors")
+    stages = [dict(steps=3, batch_size=2, object_mlp_lr=3e-3, vision_steps=3, vision_batch_size=2,
+                   vision_shapesworld=dict(seed=3, num_images=5, num_videos=0))]
+    seen = []
+    Trainer(config(tmp_path, "enc", steps=2, media_stages=stages), samples()).run(
+        stage_callback=lambda stage, step, loss: seen.append((stage, step)))
+    assert seen == [("media_stage_vision", 1), ("media_stage_vision", 2), ("media_stage_vision", 3),
+                    ("media_stage", 1), ("media_stage", 2), ("media_stage", 3)], "stage 0 continues first"
+    assert (tmp_path / "enc" / "media_stage_vision_shapesworld" / "train.json").exists()
+    final = load_file(tmp_path / "enc" / "final" / "model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], final[k])}
+    assert any(k.startswith(VISION_MODEL) for k in changed) and any(k.startswith(OBJECT_MLP) for k in changed)
+    saved = load_file(tmp_path / "enc" / MediaStage.folder(0) / "language_model.safetensors")
+    assert {k for k in before if k.startswith(VISION_MODEL)} <= set(saved), "the stage saves the encoder it trained"
+    assert not list((tmp_path / "enc").glob("*.partial")), "no stage checkpoint left once the stage is written"
+
+
+@pytest.mark.parametrize("spec, message", [
+    (dict(steps=1, vision_steps=-1), "vision_steps must be a non-negative integer"),
+    (dict(steps=1, vision_batch_size=0), "vision_batch_size must be a positive integer"),
+    (dict(steps=1, vision_lr=0), "vision_lr must be a positive number"),
+])
+def test_bad_vision_fields_of_a_media_stage_are_named(spec, message):
+    from pixelrefer.training import MediaStage
+
+    with pytest.raises(ValueError, match=rf"media_stages\[0\]: {message}"):
+        MediaStage.parse(spec, 0)
