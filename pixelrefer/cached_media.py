@@ -18,6 +18,11 @@ OCI stay as they are, and the object tokens are recomputed from those features a
 full model computes them. This matters because the MLP is where location is lost: a linear readout of an
 object's motion from its first and last frame gets 99 % of held-out videos from the centroids, 96 % after
 OCI and 80 % from the tokens the MLP makes of them (shapes-tiny-lite, README "Object tokens that know where").
+
+With `vision=True` a record also keeps the global image and video features as they enter the image projector
+(after the encoder's token merging; video token compression only drops tokens, and the projector acts on each
+token alone), so a stage can train the projector too: Vision-Object's global tokens are recomputed from them at
+every step. A stage that changes the vision encoder needs this, or its projector would keep reading the old one.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from pixelrefer.stage_checkpoint import StageCheckpoint
 
 LLM_PREFIXES = ("model.language_model.", "lm_head.")
 OBJECT_MLP = "model.object_tokenizer.mlp."
+PROJECTOR = "model.projector."
 
 
 @dataclass
@@ -50,6 +56,8 @@ class CachedRecord:
     kind: a multiple-choice record's question type (Bench-Q `type`: Basic, Sequential, …), else "".
     objects: (N, K, C) features of the record's N object units before the object MLP, or None when not kept.
     object_valid: (N, K) bool real tokens of those units (the MLP's output is zeroed elsewhere).
+    vision: (V, C) features entering the image projector of the record's V image and video slots, in sequence
+        order, or None when not kept.
     """
 
     input_ids: Tensor
@@ -61,6 +69,7 @@ class CachedRecord:
     kind: str = ""
     objects: Tensor | None = None
     object_valid: Tensor | None = None
+    vision: Tensor | None = None
 
 
 class _Captured(Exception):
@@ -81,16 +90,51 @@ def _media_slots(input_ids: Tensor, media_ids: Tensor) -> Tensor:
     return torch.isin(input_ids, media_ids)
 
 
+def global_token_ids(config) -> list[int]:
+    """Token ids of the global image and video tokens (what the image projector writes)."""
+    return [int(v) for v in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None))
+            if v is not None]
+
+
+def _projector_inputs(inputs: list[Tensor], batch, input_ids: Tensor, config, where: str) -> Tensor:
+    """The projector's inputs of one record (images first, then videos, as VideoLLaMA3 calls it) laid out in
+    the sequence order of its image and video slots: (V, C)."""
+    calls = iter(inputs)
+    parts = {}
+    if batch.get("pixel_values") is not None:
+        parts[int(config.image_token_id)] = next(calls)
+    if batch.get("pixel_values_videos") is not None:
+        video = next(calls)
+        keep = batch.get("video_compression_mask")
+        parts[int(config.video_token_id)] = video if keep is None else video[keep.to(video.device)]
+    slots = torch.isin(input_ids, torch.tensor(global_token_ids(config), device=input_ids.device))
+    if not parts:
+        if slots.any():
+            raise RuntimeError(f"{where}: image or video slots but no global features reached the projector")
+        return torch.zeros(0, config.vision_config.hidden_size)
+    first = next(iter(parts.values()))
+    out = first.new_zeros(int(slots.sum()), first.shape[-1])
+    ids = input_ids[slots]
+    for token_id, features in parts.items():
+        rows = ids == token_id
+        if int(rows.sum()) != features.shape[0]:
+            raise RuntimeError(f"{where}: {features.shape[0]} projector inputs for {int(rows.sum())} slots of "
+                               f"token {token_id}")
+        out[rows] = features
+    return out
+
+
 @torch.no_grad()
 def cache_media(model, processor, samples: Sequence, *, dtype: torch.dtype = torch.float32,
-                progress: bool = True, objects: bool = False) -> list[CachedRecord]:
+                progress: bool = True, objects: bool = False, vision: bool = False) -> list[CachedRecord]:
     """Every sample's media-slot embeddings as the model (in eval mode) computes them, one record at a time.
 
     A record that cannot be encoded raises `InputError` naming it. The embeddings are those the language
     model receives, taken by a forward pre-hook on `model.model.language_model`, so they include whatever the
     model does before its LLM (SAOT, OCI, the image projector, video token compression). `objects=True` also
     keeps each record's object features before the object MLP (`CachedRecord.objects`), for a stage that
-    trains that MLP.
+    trains that MLP; `vision=True` keeps the features entering the image projector (`CachedRecord.vision`), for a
+    stage that trains the projector.
     """
     language_model = model.model.language_model
     media_ids = torch.tensor(media_token_ids(model.config))
@@ -104,6 +148,9 @@ def cache_media(model, processor, samples: Sequence, *, dtype: torch.dtype = tor
         captured["object_valid"] = result.valid
         return result
 
+    def keep_projector_input(_module, args):
+        captured.setdefault("projector", []).append(args[0])
+
     def hook(_module, _args, kwargs):
         captured["inputs_embeds"] = kwargs["inputs_embeds"]
         captured["attention_mask"] = kwargs.get("attention_mask")
@@ -113,6 +160,9 @@ def cache_media(model, processor, samples: Sequence, *, dtype: torch.dtype = tor
     model.eval()
     device = next(model.parameters()).device
     handle = language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [handle]
+    if vision:
+        handles.append(inner.projector.register_forward_pre_hook(keep_projector_input))
     if objects:
         inner.get_object_features = keep_object_features
     records = []
@@ -145,6 +195,9 @@ def cache_media(model, processor, samples: Sequence, *, dtype: torch.dtype = tor
                 width, tokens = _object_shape(model)
                 kept = dict(objects=captured.get("objects", embeds.new_zeros(0, tokens, width)).to("cpu", dtype),
                             object_valid=captured.get("object_valid", torch.zeros(0, tokens, dtype=torch.bool)).cpu())
+            if vision:
+                kept["vision"] = _projector_inputs(captured.get("projector", []), batch, input_ids, model.config,
+                                                   where).to("cpu", dtype)
             records.append(CachedRecord(
                 input_ids=input_ids.cpu(),
                 labels=batch["labels"][0].cpu(),
@@ -156,7 +209,8 @@ def cache_media(model, processor, samples: Sequence, *, dtype: torch.dtype = tor
                 **kept,
             ))
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
         if objects:
             del inner.get_object_features  # back to the class's method
         model.train(was_training)
@@ -170,7 +224,8 @@ def _object_shape(model) -> tuple[int, int]:
 
 def collate_cached(records: Sequence[CachedRecord], pad_token_id: int) -> dict[str, Tensor]:
     """Right-pad records into (B, L) input_ids / labels / attention_mask and list their media, batch order;
-    with the records' object features ("objects", "object_valid") when they all kept them."""
+    with the records' object features ("objects", "object_valid") and projector inputs ("vision") when they all
+    kept them."""
     length = max(r.input_ids.shape[0] for r in records)
     input_ids = torch.full((len(records), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(records), length), -100, dtype=torch.long)
@@ -180,13 +235,16 @@ def collate_cached(records: Sequence[CachedRecord], pad_token_id: int) -> dict[s
         input_ids[b, :n], labels[b, :n], attention[b, :n] = record.input_ids, record.labels, record.attention_mask
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention,
              "media": torch.cat([r.media for r in records])}
-    kept = [r.objects is not None for r in records]
-    if any(kept):
+    for field, what, keys in (("objects", "object features", ("objects", "object_valid")),
+                              ("vision", "projector inputs", ("vision",))):
+        kept = [getattr(r, field) is not None for r in records]
+        if not any(kept):
+            continue
         if not all(kept):
-            missing = next(r.where for r in records if r.objects is None)
-            raise ValueError(f"{missing} was cached without its object features, other records of the batch with them")
-        batch["objects"] = torch.cat([r.objects for r in records])
-        batch["object_valid"] = torch.cat([r.object_valid for r in records])
+            missing = next(r.where for r in records if getattr(r, field) is None)
+            raise ValueError(f"{missing} was cached without its {what}, other records of the batch with them")
+        for key in keys:
+            batch[key] = torch.cat([getattr(r, key) for r in records])
     return batch
 
 
@@ -194,7 +252,8 @@ def cached_embeds(model, batch: dict[str, Tensor]) -> Tensor:
     """(B, L, D) inputs of a collated batch: the LLM's token embeddings with the cached media in their slots.
 
     A batch with "objects" gets its `<REGION>` slots from the model's object MLP run on them (so the MLP is
-    trained through this), the other media slots from the cache.
+    trained through this); a batch with "vision" gets its image and video slots from the model's projector run
+    on them; the other media slots come from the cache.
     """
     from pixelrefer.modeling.pixelrefer import ObjectFeatures
 
@@ -205,9 +264,16 @@ def cached_embeds(model, batch: dict[str, Tensor]) -> Tensor:
     if int(slots.sum()) != media.shape[0]:
         raise ValueError(f"{media.shape[0]} cached media embeddings for {int(slots.sum())} media slots")
     embeds = embeds.masked_scatter(slots.unsqueeze(-1), media)
+    inner = model.model
+    if "vision" in batch:
+        global_slots = torch.isin(input_ids, torch.tensor(global_token_ids(model.config), device=input_ids.device))
+        vision = batch["vision"].to(embeds.device, next(inner.projector.parameters()).dtype)
+        if int(global_slots.sum()) != vision.shape[0]:
+            raise ValueError(f"{vision.shape[0]} cached projector inputs for {int(global_slots.sum())} image and "
+                             "video slots")
+        embeds = embeds.masked_scatter(global_slots.unsqueeze(-1), inner.projector(vision).to(embeds.dtype))
     if "objects" not in batch:
         return embeds
-    inner = model.model
     valid = batch["object_valid"].to(embeds.device)
     features = batch["objects"].to(embeds.device, next(inner.object_tokenizer.parameters()).dtype)
     tokens = inner.object_tokenizer.project(features) * valid[..., None]  # (N, K, D), as get_object_features
@@ -275,7 +341,8 @@ def train_on_cached_media(model, records: Sequence[CachedRecord], *, steps: int,
                           seed: int = 0, warmup_ratio: float = 0.03, task_weights: dict[str, int] | None = None,
                           autocast: Callable = contextlib.nullcontext,
                           callback: Callable[[int, float], None] | None = None,
-                          object_mlp_lr: float | None = None, checkpoint: StageCheckpoint | None = None) -> list[float]:
+                          object_mlp_lr: float | None = None, projector_lr: float | None = None,
+                          checkpoint: StageCheckpoint | None = None) -> list[float]:
     """Train the LLM (embeddings, layers, head) on cached records; returns the per-step losses.
 
     Each step draws `batch_size` records with replacement from the task-weighted pool (seeded by `seed`).
@@ -293,13 +360,20 @@ def train_on_cached_media(model, records: Sequence[CachedRecord], *, steps: int,
     named = dict(model.named_parameters())
     trained = LLM_PREFIXES
     groups = [{"params": [p for n, p in named.items() if n.startswith(LLM_PREFIXES)], "lr": lr}]
-    if object_mlp_lr is not None:
-        lacking = next((r.where for r in records if r.objects is None), None)
+    extra = (("object_mlp_lr", object_mlp_lr, OBJECT_MLP, "objects", "the object MLP", "object features", "objects"),
+             ("projector_lr", projector_lr, PROJECTOR, "vision", "the image projector", "projector inputs", "vision"))
+    for name, rate, prefix, field, module, what, flag in extra:
+        if rate is None:
+            continue
+        lacking = next((r.where for r in records if getattr(r, field) is None), None)
         if lacking is not None:
-            raise ValueError(f"object_mlp_lr trains the object MLP, but {lacking} was cached without its object "
-                             "features: cache with objects=True")
-        groups.append({"params": [p for n, p in named.items() if n.startswith(OBJECT_MLP)], "lr": object_mlp_lr})
-        trained += (OBJECT_MLP,)
+            raise ValueError(f"{name} trains {module}, but {lacking} was cached without its {what}: cache with "
+                             f"{flag}=True")
+        groups.append({"params": [p for n, p in named.items() if n.startswith(prefix)], "lr": rate})
+        trained += (prefix,)
+    if projector_lr is not None and not any(r.vision.shape[0] for r in records):
+        raise ValueError("projector_lr trains the image projector, but no record has image or video tokens "
+                         "(an object-only model sends none to its LLM)")
     parameters = [p for group in groups for p in group["params"]]
     optimizer = torch.optim.AdamW(groups, lr=lr)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * steps), steps)

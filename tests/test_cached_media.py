@@ -1,5 +1,7 @@
 """Frozen-media stage: cached object/vision tokens give the full model's loss, and only the LLM trains."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -74,6 +76,19 @@ def test_only_the_llm_trains_and_the_global_rng_stays(shapes):
     assert train_on_cached_media(again, records, steps=40, lr=3e-3, batch_size=4, seed=1) == losses
 
 
+def assert_trains_the_llm_and(prefix, model, records, **rates):
+    """30 steps on `records` lower the loss, move every parameter under `prefix` and nothing outside the LLM
+    and `prefix`."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = train_on_cached_media(model, records, steps=30, lr=3e-3, batch_size=4, seed=1, **rates)
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    module = {k for k in before if k.startswith(prefix)}
+    assert module and module <= changed
+    assert all(k.startswith(("model.language_model.", "lm_head.", prefix)) for k in changed)
+
+
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_object_features_rebuild_the_object_tokens_and_train_the_object_mlp(framework, shapes):
     from pixelrefer.cached_media import OBJECT_MLP, cached_embeds
@@ -92,14 +107,7 @@ def test_object_features_rebuild_the_object_tokens_and_train_the_object_mlp(fram
             assert torch.equal(cached_loss(model, collate_cached([record], pad)), full), sample.where
         # the object MLP run on the kept features writes exactly what the cache holds
         assert torch.equal(cached_embeds(model, collate_cached(kept, pad)), cached_embeds(model, collate_cached(plain, pad)))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    losses = train_on_cached_media(model, kept, steps=30, lr=3e-3, batch_size=4, seed=1, object_mlp_lr=3e-3)
-    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
-    after = model.state_dict()
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
-    mlp = {k for k in before if k.startswith(OBJECT_MLP)}
-    assert mlp and mlp <= changed
-    assert all(k.startswith(("model.language_model.", "lm_head.", OBJECT_MLP)) for k in changed)
+    assert_trains_the_llm_and(OBJECT_MLP, model, kept, object_mlp_lr=3e-3)
     # the features themselves stay put: only what comes after them trains
     fresh = cache_media(build(framework)[0], processor, shapes, progress=False, objects=True)
     assert all(torch.equal(r.objects, k.objects) for r, k in zip(kept, fresh))
@@ -107,6 +115,41 @@ def test_object_features_rebuild_the_object_tokens_and_train_the_object_mlp(fram
         train_on_cached_media(model, plain, steps=1, lr=1e-3, batch_size=2, object_mlp_lr=1e-3)
     with pytest.raises(ValueError, match=f"{plain[1].where} was cached without its object features"):
         collate_cached([kept[0], plain[1]], pad)
+
+
+def test_projector_inputs_rebuild_the_global_tokens_and_train_the_projector(shapes):
+    from pixelrefer.cached_media import PROJECTOR, cached_embeds
+
+    model, processor = build("vision_object")
+    plain = cache_media(model, processor, shapes, progress=False)
+    kept = cache_media(model, processor, shapes, progress=False, vision=True, objects=True)
+    pad = model.config.text_config.pad_token_id
+    C = model.config.vision_config.hidden_size
+    global_ids = torch.tensor([model.config.image_token_id, model.config.video_token_id])
+    with torch.no_grad():
+        for sample, record in zip(shapes, kept):
+            slots = int(torch.isin(record.input_ids, global_ids).sum())
+            assert slots and record.vision.shape == (slots, C), sample.where
+            full = model(**full_batch(processor, [sample])).loss
+            assert torch.equal(cached_loss(model, collate_cached([record], pad)), full), sample.where
+        # the projector run on the kept inputs writes exactly what the plain cache holds, videos and images mixed
+        assert torch.equal(cached_embeds(model, collate_cached(kept, pad)), cached_embeds(model, collate_cached(plain, pad)))
+        # and it is what writes them: another projector gives other global tokens
+        model.model.projector.readout[0].weight.mul_(2)
+        changed = cached_embeds(model, collate_cached(kept, pad)) != cached_embeds(model, collate_cached(plain, pad))
+        batch = collate_cached(kept, pad)
+        assert torch.equal(changed.any(-1), torch.isin(batch["input_ids"], global_ids))
+        model.model.projector.readout[0].weight.div_(2)
+    assert_trains_the_llm_and(PROJECTOR, model, kept, projector_lr=3e-3)
+    with pytest.raises(ValueError, match="cached without its projector inputs: cache with vision=True"):
+        train_on_cached_media(model, plain, steps=1, lr=1e-3, batch_size=2, projector_lr=1e-3)
+    with pytest.raises(ValueError, match=f"{kept[1].where} was cached without its projector inputs"):
+        collate_cached([kept[0], dataclasses.replace(kept[1], vision=None)], pad)
+    lite, lite_processor = build("object_only")
+    lite_records = cache_media(lite, lite_processor, shapes, progress=False, vision=True)
+    assert all(r.vision.shape == (0, C) for r in lite_records)
+    with pytest.raises(ValueError, match="no record has image or video tokens"):
+        train_on_cached_media(lite, lite_records, steps=1, lr=1e-3, batch_size=2, projector_lr=1e-3)
 
 
 def test_a_bad_record_is_named(shapes):

@@ -158,12 +158,19 @@ def test_the_shipped_models_were_trained_with_their_preset(name):
     import dataclasses
 
     from pixelrefer.inference import ASSETS
-    from pixelrefer.training import TrainConfig, preset_config
+    from pixelrefer.training import MediaStage, TrainConfig, preset_config
 
     shipped = dataclasses.asdict(TrainConfig.load(ASSETS / name / "train_config.json"))
     preset = dataclasses.asdict(preset_config(name))
     assert {k: v for k, v in shipped.items() if k != "output_dir"} == {
         k: v for k, v in preset.items() if k != "output_dir"}
+    # and it carries the loss history of every stage of that recipe, one loss per step
+    config = preset_config(name)
+    stages = {"vision_pretrain": config.vision_pretrain_steps, "llm_pretrain": config.llm_pretrain_steps,
+              "": config.steps, **{MediaStage.folder(i): s.steps for i, s in enumerate(config.frozen_media_stages())}}
+    for stage, steps in stages.items():
+        path = ASSETS / name / (f"{stage}_loss_history.json" if stage else "loss_history.json")
+        assert len(json.loads(path.read_text())) == steps, path
 
 
 def test_presets_and_the_train_command_generate_shapesworld_and_train(tmp_path, capsys):
@@ -538,6 +545,30 @@ def test_a_media_stage_can_train_the_object_mlp(tmp_path):
     assert all(torch.equal(final[k], reloaded[k]) for k in changed)
 
 
+def test_a_media_stage_can_train_the_projector(tmp_path):
+    from pixelrefer.cached_media import PROJECTOR
+    from pixelrefer.training import VISION_MODEL, MediaStage
+
+    plain = Trainer(config(tmp_path, "proj", steps=2), samples())
+    plain.run()
+    before = load_file(tmp_path / "proj" / "final" / "model.safetensors")
+    stages = [dict(steps=3, batch_size=2, lr=3e-3, projector_lr=3e-3, vision_steps=2, vision_batch_size=2,
+                   vision_shapesworld=dict(seed=3, num_images=5, num_videos=0))]
+    Trainer(config(tmp_path, "proj", steps=2, media_stages=stages), samples()).run()
+    final = load_file(tmp_path / "proj" / "final" / "model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], final[k])}
+    projector = {k for k in before if k.startswith(PROJECTOR)}
+    assert projector and projector <= changed, "every projector weight moved"
+    assert all(k.startswith(("model.language_model.", "lm_head.", PROJECTOR, VISION_MODEL)) for k in changed)
+    saved = load_file(tmp_path / "proj" / MediaStage.folder(0) / "language_model.safetensors")
+    assert projector <= set(saved), "the stage saves the projector it trained"
+    lite = Trainer(config(tmp_path, "proj-lite", steps=2, framework="object_only",
+                          media_stages=[dict(steps=1, projector_lr=1e-3)]), samples())
+    with pytest.raises(ValueError, match=r"media_stages\[0\]: projector_lr trains the image projector, which an "
+                                         r"object-only \(Lite\) model does not use"):
+        lite.media_stage(0)
+
+
 @pytest.mark.parametrize("spec, message", [
     ({"lr": 1e-3}, "'steps' is required"),
     ({"steps": 2, "epochs": 1}, r"unknown fields \['epochs'\]"),
@@ -546,6 +577,7 @@ def test_a_media_stage_can_train_the_object_mlp(tmp_path):
     ({"steps": 2, "mixed_precision": "fp8"}, "mixed_precision must be 'no' or 'bf16'"),
     ({"steps": 2, "object_mlp_lr": 0}, "object_mlp_lr must be a positive number or None"),
     ({"steps": 2, "object_mlp_lr": "1e-3"}, "object_mlp_lr must be a positive number or None"),
+    ({"steps": 2, "projector_lr": -1e-3}, "projector_lr must be a positive number or None"),
     ("steps=2", "must be a dict"),
 ])
 def test_a_bad_media_stage_is_named(spec, message):
