@@ -137,4 +137,8 @@ def test_cli_writes_shapesworld_and_shows_usage_without_an_action(tmp_path, caps
                     "--image-choice"]) == 0
     assert json.loads((tmp_path / "mc" / "info.json").read_text())["image_choice"] is True
     assert run_cli(["data", "check", str(tmp_path / "mc" / "train.json")]) == 0
+    assert run_cli(["data", "shapesworld", str(tmp_path / "loc"), "--images", "2", "--videos", "1", "--location"]) == 0
+    info = json.loads((tmp_path / "loc" / "info.json").read_text())
+    assert (info["image_choice"], info["location"]) == (False, True)
+    assert run_cli(["data", "check", str(tmp_path / "loc" / "train.json")]) == 0
     assert run_cli(["data"]) == 2

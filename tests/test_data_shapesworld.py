@@ -115,6 +115,68 @@ def test_image_choice_is_opt_in_and_leaves_every_other_record_unchanged(world, w
         assert kept == plain, name
 
 
+@pytest.fixture(scope="module")
+def with_location(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapesworld-location")
+    return out, generate_shapesworld(out, seed=0, location=True, **SMALL)
+
+
+def _cell(x: float, y: float, height: int, width: int) -> str:
+    """The expected phrase, written out independently of `tasks.position_phrase`."""
+    row = ("top", "middle", "bottom")[min(2, int(3 * y / height))]
+    column = ("left", "center", "right")[min(2, int(3 * x / width))]
+    if row == "middle" and column == "center":
+        return "in the center"
+    if row == "middle":
+        return f"on the {column}"
+    if column == "center":
+        return f"at the {row}"
+    return f"in the {row} {column} corner"
+
+
+def test_location_questions_name_the_cell_of_each_object(with_location, tokenizer):
+    """Images: up to three objects, each answered by the 3×3 cell of its mask's centroid; videos: every track,
+    answered by the cell of its centre on the first frame its mask is on. Covered by the vocabulary."""
+    out, paths = with_location
+    assert json.loads((out / "info.json").read_text())["location"] is True
+    samples = [s for path in paths.values() for s in load_annotations(path)]
+    images = [s for s in samples if s.task == "location"]
+    videos = [s for s in samples if s.task == "video_location"]
+    assert len(images) == SMALL["num_images"] and len(videos) == SMALL["num_videos"]
+    answers = Counter()
+    for sample in images + videos:
+        media = sample.load_media()
+        turns = sample.conversation
+        assert len(turns) == 2 * len(sample.masks) and len(media.masks) == len(sample.masks)
+        for k, (question, answer) in enumerate(zip(turns[::2], turns[1::2])):
+            if sample.task == "location":
+                assert question["content"].removeprefix("<image>\n") == tasks.LOCATION_Q
+                mask = media.masks[k]
+            else:
+                assert question["content"].removeprefix("<video>\n") == tasks.VIDEO_LOCATION_Q.format(k=k)
+                mask = media.masks[k][min(media.masks[k])]
+            ys, xs = mask.nonzero()
+            assert answer["content"] == _cell(xs.mean(), ys.mean(), *mask.shape), (sample.id, k)
+            answers[answer["content"]] += 1
+            text = question["content"].replace("<region>", " ").replace("<image>", " ").replace("<video>", " ")
+            ids = tokenizer(text + " " + answer["content"], add_special_tokens=False)["input_ids"]
+            assert tokenizer.unk_token_id not in ids, (sample.id, text)
+    assert len(answers) >= 5, answers
+
+
+def test_location_is_opt_in_and_leaves_every_other_record_unchanged(world, with_location):
+    _, plain_paths = world
+    _, paths = with_location
+    for name, path in plain_paths.items():
+        plain = json.loads(path.read_text())
+        assert not {"location", "video_location"} & {r["task"] for r in plain}
+        kept = [r for r in json.loads(paths[name].read_text()) if r["task"] not in ("location", "video_location")]
+        assert kept == plain, name
+    for path in paths.values():
+        report = check_annotations(path)
+        assert report.ok, str(report)
+
+
 def test_tiny_objects_and_parts_are_present(samples):
     areas = [int(mask.sum()) for s in samples if s.task == "category" for mask in s.load_media().masks]
     assert min(areas) < 196, "no object smaller than one 14-px patch"

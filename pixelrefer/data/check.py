@@ -125,6 +125,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     world.add_argument("--videos", type=int, default=None, help="number of videos (default: the generator's)")
     world.add_argument("--image-choice", action="store_true",
                        help="add lettered colour / shape questions on every image (VideoRefer-Bench-Q layout)")
+    world.add_argument("--location", action="store_true",
+                       help="add where-is questions on every image and video (answers: the 3x3 cell of each object)")
     world.set_defaults(handler=run_shapesworld)
     data.set_defaults(handler=lambda args: _usage(data))
 
@@ -144,6 +146,7 @@ def run_shapesworld(args: argparse.Namespace) -> int:
 
     sizes = {k: v for k, v in (("num_images", args.images), ("num_videos", args.videos)) if v is not None}
     for split, path in generate_shapesworld(args.out, seed=args.seed, image_choice=args.image_choice,
+                                            location=args.location,
                                             **sizes).items():
         print(f"{split}: {path}")
     return 0

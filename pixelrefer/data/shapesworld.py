@@ -13,7 +13,8 @@ Notable:
   choice in VideoRefer-Bench-Q form (`Question`, `type`, `options`,
   `Answer`, `annotation` wrappers). `objects` describes each mask. With
   `image_choice=True` each image also gets lettered colour / shape questions
-  in that layout (as conversation turns); the other records stay the same.
+  in that layout (as conversation turns), and with `location=True` each image
+  and video a record of where its objects are; the other records stay the same.
 - Splits: a seeded permutation, images and videos split separately (largest
   remainder), so every split with a non-zero fraction gets both.
 - `shapesworld_vocabulary()` lists every word the generator and the chat
@@ -57,6 +58,7 @@ def generate_shapesworld(
     num_frames: int = 8,
     fps: float = 2.0,
     image_choice: bool = False,
+    location: bool = False,
 ) -> dict[str, Path]:
     """Write ShapesWorld to `out_dir`; return the annotation file of each split.
 
@@ -70,6 +72,9 @@ def generate_shapesworld(
         num_frames, fps: video length (at least 6 frames) and frame rate (timestamps t / fps).
         image_choice: add an `image_choice` record per image (lettered colour / shape questions in
             VideoRefer-Bench-Q's layout); every other record stays the same.
+        location: add a `location` record per image (where up to three objects are: "in the top left
+            corner", "at the bottom", … by the 3×3 cell of the centroid) and a `video_location` record per
+            video (where each object is when first seen); every other record stays the same.
     """
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     _validate(num_images, num_videos, splits, height, width, num_frames, fps)
@@ -79,16 +84,17 @@ def generate_shapesworld(
     video_split = _assign(num_videos, splits, np.random.default_rng([seed, _SPLIT, _VIDEO]))
     for i in range(num_images):
         rng = np.random.default_rng([seed, _IMAGE, i])
-        records[image_split[i]] += _write_image(out, i, rng, height, width, image_choice)
+        records[image_split[i]] += _write_image(out, i, rng, height, width, image_choice, location)
     for i in range(num_videos):
         rng = np.random.default_rng([seed, _VIDEO, i])
-        records[video_split[i]] += _write_video(out, i, rng, height, width, num_frames, fps)
+        records[video_split[i]] += _write_video(out, i, rng, height, width, num_frames, fps, location)
     paths = {}
     for name in SPLITS:
         paths[name] = out / f"{name}.json"
         atomic_write(paths[name], _json_lines(records[name]).encode("utf-8"))
     info = dict(name="ShapesWorld", version=VERSION, seed=seed, num_images=num_images, num_videos=num_videos,
                 height=height, width=width, num_frames=num_frames, fps=fps, image_choice=image_choice,
+                location=location,
                 splits={name: dict(images=image_split.count(name), videos=video_split.count(name),
                                    records=len(records[name])) for name in SPLITS})
     atomic_write(out / "info.json", (json.dumps(info, indent=1) + "\n").encode("utf-8"))
@@ -164,7 +170,7 @@ def _conversation(turns: list[tuple[str, str]], media_tag: str) -> list[dict]:
 
 
 def _write_image(out: Path, i: int, rng: np.random.Generator, height: int, width: int,
-                 image_choice: bool) -> list[dict]:
+                 image_choice: bool, location: bool = False) -> list[dict]:
     scene = sample_scene(rng, height, width)
     name = f"img_{i:05d}"
     relative = f"images/{name}.png"
@@ -173,12 +179,12 @@ def _write_image(out: Path, i: int, rng: np.random.Generator, height: int, width
         {"id": f"{name}-{record.task}", "task": record.task, "image": relative, "height": height, "width": width,
          "conversations": _conversation(record.conversation, "<image>\n"),
          "masks": [mask_to_rle(m) for m in record.masks], "objects": record.objects}
-        for record in tasks.image_tasks(scene, rng, image_choice)
+        for record in tasks.image_tasks(scene, rng, image_choice, location)
     ]
 
 
 def _write_video(out: Path, i: int, rng: np.random.Generator, height: int, width: int, frames: int,
-                 fps: float) -> list[dict]:
+                 fps: float, location: bool = False) -> list[dict]:
     video = sample_video(rng, height, width, frames, fps)
     name = f"vid_{i:05d}"
     paths = [f"videos/{name}/frame_{t:02d}.png" for t in range(frames)]
@@ -186,7 +192,7 @@ def _write_video(out: Path, i: int, rng: np.random.Generator, height: int, width
         atomic_write(out / path, _png(frame))
     media = {"video": paths, "timestamps": video.timestamps, "height": height, "width": width}
     records = []
-    for record in tasks.video_tasks(video, rng):
+    for record in tasks.video_tasks(video, rng, location):
         per_frame = [{str(t): mask_to_rle(m) for t, m in sorted(masks.items())} for masks in record.masks]
         if record.question is None:
             records.append({"id": f"{name}-{record.task}", "task": record.task, **media,

@@ -55,6 +55,8 @@ SEQUENTIAL_Q = "What happens to <object0><region> over time?"
 RELATIONSHIP_Q = "Where is <object0><region> relative to <object1><region> when both are first seen?"
 REASONING_Q = "Which moves faster, <object0><region> or <object1><region>?"
 FUTURE_Q = "If <object0><region> keeps moving the same way, where will it be after the video?"
+LOCATION_Q = "Where is <region> in the image?"
+VIDEO_LOCATION_Q = "Where is <object{k}><region> when it is first seen?"
 
 RELATIONS = {"left": "to the left of", "right": "to the right of", "up": "above", "down": "below"}
 DIRECTIONS = {"left": "to its left", "right": "to its right", "up": "above it", "down": "below it"}
@@ -248,15 +250,28 @@ def choice_task(scene: Scene, rng: np.random.Generator) -> TaskRecord:
     return TaskRecord("image_choice", [o.mask for o in picked], [_info(o) for o in picked], turns)
 
 
+def location_task(scene: Scene, rng: np.random.Generator) -> TaskRecord:
+    """Where up to three objects are, each by the 3×3 cell of its centroid ('in the top left corner')."""
+    picked = [scene.objects[i] for i in rng.permutation(len(scene.objects))[:3]]
+    turns = []
+    for obj in picked:
+        height, width = obj.mask.shape
+        turns += [("human", LOCATION_Q), ("gpt", position_phrase(*obj.centroid, height, width))]
+    return TaskRecord("location", [o.mask for o in picked], [_info(o) for o in picked], turns)
+
+
 IMAGE_TASKS = (category_task, short_caption_task, detailed_caption_task, relation_task, comparison_task,
                counting_task, part_task)
 
 
-def image_tasks(scene: Scene, rng: np.random.Generator, image_choice: bool = False) -> list[TaskRecord]:
-    """Every image task that has an unambiguous question on this scene, and with `image_choice` the lettered
-    questions too. Those draw last, so turning them on leaves every other record of the seed unchanged."""
+def image_tasks(scene: Scene, rng: np.random.Generator, image_choice: bool = False,
+                location: bool = False) -> list[TaskRecord]:
+    """Every image task that has an unambiguous question on this scene, with `image_choice` the lettered
+    questions too and with `location` the location questions. Those draw last (in that order), so turning
+    them on leaves every other record of the seed unchanged."""
     records = [record for make in IMAGE_TASKS if (record := make(scene, rng)) is not None]
-    return records + [choice_task(scene, rng)] if image_choice else records
+    records += [choice_task(scene, rng)] if image_choice else []
+    return records + [location_task(scene, rng)] if location else records
 
 
 # ----------------------------------------------------------------------------- video tasks
@@ -347,13 +362,26 @@ def future_question(video: VideoScene, rng: np.random.Generator) -> TaskRecord |
     return _multiple_choice("Future", FUTURE_Q, [track], options)
 
 
+def video_location_task(video: VideoScene) -> TaskRecord:
+    """Where each track is on the first frame it is seen, by the 3×3 cell of its centre."""
+    turns = []
+    for k, track in enumerate(video.tracks):
+        first = min(track.masks)
+        height, width = track.masks[first].shape
+        where = position_phrase(*track.center(first), height, width)
+        turns += [("human", VIDEO_LOCATION_Q.format(k=k)), ("gpt", where)]
+    return TaskRecord("video_location", [t.masks for t in video.tracks], [_track_info(t) for t in video.tracks], turns)
+
+
 MULTIPLE_CHOICE = (basic_question, sequential_question, relationship_question, reasoning_question, future_question)
 
 
-def video_tasks(video: VideoScene, rng: np.random.Generator) -> list[TaskRecord]:
-    """The motion caption and every multiple-choice type that has an unambiguous question on this video."""
+def video_tasks(video: VideoScene, rng: np.random.Generator, location: bool = False) -> list[TaskRecord]:
+    """The motion caption, every multiple-choice type that has an unambiguous question on this video, and with
+    `location` where each track is first seen (last, drawing nothing, so the other records stay the same)."""
     records = [video_caption_task(video)]
-    return records + [record for make in MULTIPLE_CHOICE if (record := make(video, rng)) is not None]
+    records += [record for make in MULTIPLE_CHOICE if (record := make(video, rng)) is not None]
+    return records + [video_location_task(video)] if location else records
 
 
 # Every literal string the generator writes, for `shapesworld_vocabulary()`.
@@ -361,7 +389,8 @@ TEMPLATES = (
     CATEGORY_Q, SHORT_Q, DETAILED_Q, RELATION_Q, RELATION_A, SIZE_Q, SIZE_A, SAME_COLOUR_Q, SAME_COLOUR_YES,
     SAME_COLOUR_NO, COUNT_Q, PART_NAME_Q, PART_COLOUR_Q, DETAIL_LOOK, DETAIL_PARTS, DETAIL_HIDDEN, DETAIL_NEAREST,
     DETAIL_COUNT, VIDEO_CAPTION_Q, VIDEO_CAPTION_A, BASIC_COLOUR_Q, BASIC_SHAPE_Q, CHOICE_COLOUR_Q,
-    CHOICE_SHAPE_Q, SEQUENTIAL_Q, RELATIONSHIP_Q, REASONING_Q, FUTURE_Q, *RELATIONS.values(), *DIRECTIONS.values(),
+    CHOICE_SHAPE_Q, SEQUENTIAL_Q, RELATIONSHIP_Q, REASONING_Q, FUTURE_Q, LOCATION_Q, VIDEO_LOCATION_Q,
+    *RELATIONS.values(), *DIRECTIONS.values(),
     *MOTION_PHRASES.values(), *EVENT_PHRASES.values(), *FUTURE_PHRASES.values(), *SPEED_OPTIONS, *NUMBER_WORDS,
     *ROWS, *COLUMNS,
     *POSITIONS.values(), *MOTIONS, SEQUENTIAL_OPTION, *SIZE_ADJECTIVES, *COUNT_ATTRIBUTES, *ARTICLES, *LIST_JOINERS,
