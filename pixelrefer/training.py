@@ -274,6 +274,16 @@ TINY_ENCODER_STAGE = dict(ENCODER_STAGE, projector_lr=1e-3)
 # and 93.0 -> 91.2 %. docs/embedded-models.md, "Session 13".
 VIDEO_REFIT_STAGE = dict(VIDEO_STAGE, steps=600)
 
+# Both embedded models' last stage: ShapesWorld's location questions (seed 13, `location=True`: "Where is <region> in the
+# image?" and where each track is first seen, answered by the 3×3 cell of the object's centre) weighted ×8 / ×4, image
+# relations ×4 and video multiple choice ×2, with the position Linear's weight ×4 and the object MLP trained beside the
+# LLM. Before it neither model could say where an object is (12 / 7 % of held-out objects, chance for nine cells),
+# so relations and the cross-frame questions sat at chance. docs/embedded-models.md, "Session 14".
+LOCATION_QA_STAGE = dict(steps=1000, lr=3e-4, batch_size=32, mixed_precision="bf16", position_scale=4.0,
+                         object_mlp_lr=1e-3,
+                         task_weights=dict(location=8, relation=4, video_location=4, multiple_choice=2),
+                         shapesworld=dict(seed=13, num_images=1000, num_videos=600, image_choice=True, location=True))
+
 TRAIN_PRESETS: dict[str, dict] = {
     # The embedded defaults: `pixelrefer train --preset shapes-tiny[-lite]` reproduces them. The tiny model has no
     # pretrained vision encoder, so stage 0 trains it on object categories and colours first (standing in for
@@ -302,7 +312,7 @@ TRAIN_PRESETS: dict[str, dict] = {
         task_weights=dict(multiple_choice=3, image_choice=3),
         text_choice_records=3000,
         save_every=100,
-        media_stages=[VIDEO_STAGE, LOCATION_STAGE, TINY_ENCODER_STAGE, VIDEO_REFIT_STAGE],
+        media_stages=[VIDEO_STAGE, LOCATION_STAGE, TINY_ENCODER_STAGE, VIDEO_REFIT_STAGE, LOCATION_QA_STAGE],
     ),
 }
 # shapes-tiny-lite changes in that recipe a larger initialisation of the position encoding (std 3.0, so the object
@@ -320,6 +330,7 @@ TRAIN_PRESETS["shapes-tiny-lite"] = dict(
         VIDEO_STAGE,
         ENCODER_STAGE,
         VIDEO_REFIT_STAGE,
+        LOCATION_QA_STAGE,
     ],
 )
 # What the notebooks' and the ablations' short runs change in that recipe: no LLM stage (2000 steps of 128
