@@ -287,8 +287,9 @@ def test_embedded_models_load_offline_and_describe_colours(name, framework):
 CATEGORY_FLOORS = {"shapes-tiny": 0.85, "shapes-tiny-lite": 0.85}
 
 
-@pytest.mark.parametrize("name", sorted(CATEGORY_FLOORS))
-def test_embedded_models_name_shape_categories_of_unseen_objects(name):
+def unseen_scene_answers(name: str, question: str, truth, max_new_tokens: int) -> tuple[int, int]:
+    """(right, asked): `question` about every object of the unseen scenes 100-119, exact match against
+    `truth(label, mask)`."""
     import pixelrefer
     from pixelrefer.demo import shapesworld_scene
 
@@ -297,11 +298,17 @@ def test_embedded_models_name_shape_categories_of_unseen_objects(name):
     for seed in range(100, 120):
         image, masks = shapesworld_scene(seed)
         for label, mask in masks.items():
-            category = label.split(" (")[0].split(" ")[2]
-            answer = pixelrefer.ask(model, processor, "What is the category of <region>? Using only one word or phrase.",
-                                    image=image, masks=[mask], max_new_tokens=4)
-            right += answer.text.strip() == category
+            answer = pixelrefer.ask(model, processor, question, image=image, masks=[mask],
+                                    max_new_tokens=max_new_tokens)
+            right += answer.text.strip() == truth(label, mask)
             total += 1
+    return right, total
+
+
+@pytest.mark.parametrize("name", sorted(CATEGORY_FLOORS))
+def test_embedded_models_name_shape_categories_of_unseen_objects(name):
+    right, total = unseen_scene_answers(name, "What is the category of <region>? Using only one word or phrase.",
+                                        lambda label, mask: label.split(" (")[0].split(" ")[2], max_new_tokens=4)
     assert total >= 60 and right / total >= CATEGORY_FLOORS[name], f"{name}: {right}/{total} categories right"
 
 
@@ -314,19 +321,13 @@ LOCATION_FLOORS = {"shapes-tiny": 0.75, "shapes-tiny-lite": 0.75}
 
 @pytest.mark.parametrize("name", sorted(LOCATION_FLOORS))
 def test_embedded_models_say_where_unseen_objects_are(name):
-    import pixelrefer
     from pixelrefer.data.tasks import LOCATION_Q, position_phrase
-    from pixelrefer.demo import shapesworld_scene
 
-    model, processor = pixelrefer.load(name)
-    right = total = 0
-    for seed in range(100, 120):
-        image, masks = shapesworld_scene(seed)
-        for mask in masks.values():
-            ys, xs = np.nonzero(mask)
-            answer = pixelrefer.ask(model, processor, LOCATION_Q, image=image, masks=[mask], max_new_tokens=6)
-            right += answer.text.strip() == position_phrase(xs.mean(), ys.mean(), *mask.shape)
-            total += 1
+    def cell(label, mask):
+        ys, xs = np.nonzero(mask)
+        return position_phrase(xs.mean(), ys.mean(), *mask.shape)
+
+    right, total = unseen_scene_answers(name, LOCATION_Q, cell, max_new_tokens=6)
     assert total >= 60 and right / total >= LOCATION_FLOORS[name], f"{name}: {right}/{total} locations right"
 
 
