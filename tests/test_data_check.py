@@ -139,6 +139,11 @@ def test_cli_writes_shapesworld_and_shows_usage_without_an_action(tmp_path, caps
     assert run_cli(["data", "check", str(tmp_path / "mc" / "train.json")]) == 0
     assert run_cli(["data", "shapesworld", str(tmp_path / "loc"), "--images", "2", "--videos", "1", "--location"]) == 0
     info = json.loads((tmp_path / "loc" / "info.json").read_text())
-    assert (info["image_choice"], info["location"]) == (False, True)
+    assert (info["image_choice"], info["location"], info["last_location"]) == (False, True, False)
+    assert run_cli(["data", "shapesworld", str(tmp_path / "last"), "--images", "1", "--videos", "1",
+                    "--last-location"]) == 0
+    tasks = {record["task"] for split in ("train", "val", "test")
+             for record in json.loads((tmp_path / "last" / f"{split}.json").read_text())}
+    assert "video_last_location" in tasks and "video_location" not in tasks
     assert run_cli(["data", "check", str(tmp_path / "loc" / "train.json")]) == 0
     assert run_cli(["data"]) == 2

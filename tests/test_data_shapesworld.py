@@ -118,7 +118,7 @@ def test_image_choice_is_opt_in_and_leaves_every_other_record_unchanged(world, w
 @pytest.fixture(scope="module")
 def with_location(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapesworld-location")
-    return out, generate_shapesworld(out, seed=0, location=True, **SMALL)
+    return out, generate_shapesworld(out, seed=0, location=True, last_location=True, **SMALL)
 
 
 def _cell(x: float, y: float, height: int, width: int) -> str:
@@ -136,15 +136,18 @@ def _cell(x: float, y: float, height: int, width: int) -> str:
 
 def test_location_questions_name_the_cell_of_each_object(with_location, tokenizer):
     """Images: up to three objects, each answered by the 3×3 cell of its mask's centroid; videos: every track,
-    answered by the cell of its centre on the first frame its mask is on. Covered by the vocabulary."""
+    answered by the cell of its centre on the first (`video_location`) and on the last (`video_last_location`)
+    frame its mask is on. Covered by the vocabulary."""
     out, paths = with_location
-    assert json.loads((out / "info.json").read_text())["location"] is True
+    info = json.loads((out / "info.json").read_text())
+    assert info["location"] is True and info["last_location"] is True
     samples = [s for path in paths.values() for s in load_annotations(path)]
     images = [s for s in samples if s.task == "location"]
     videos = [s for s in samples if s.task == "video_location"]
-    assert len(images) == SMALL["num_images"] and len(videos) == SMALL["num_videos"]
-    answers = Counter()
-    for sample in images + videos:
+    last = [s for s in samples if s.task == "video_last_location"]
+    assert len(images) == SMALL["num_images"] and len(videos) == len(last) == SMALL["num_videos"]
+    answers, moved = Counter(), 0
+    for sample in images + videos + last:
         media = sample.load_media()
         turns = sample.conversation
         assert len(turns) == 2 * len(sample.masks) and len(media.masks) == len(sample.masks)
@@ -152,16 +155,21 @@ def test_location_questions_name_the_cell_of_each_object(with_location, tokenize
             if sample.task == "location":
                 assert question["content"].removeprefix("<image>\n") == tasks.LOCATION_Q
                 mask = media.masks[k]
-            else:
+            elif sample.task == "video_location":
                 assert question["content"].removeprefix("<video>\n") == tasks.VIDEO_LOCATION_Q.format(k=k)
                 mask = media.masks[k][min(media.masks[k])]
+            else:
+                assert question["content"].removeprefix("<video>\n") == tasks.VIDEO_LAST_LOCATION_Q.format(k=k)
+                mask = media.masks[k][max(media.masks[k])]
+                first = media.masks[k][min(media.masks[k])].nonzero()
+                moved += answer["content"] != _cell(first[1].mean(), first[0].mean(), *mask.shape)
             ys, xs = mask.nonzero()
             assert answer["content"] == _cell(xs.mean(), ys.mean(), *mask.shape), (sample.id, k)
             answers[answer["content"]] += 1
             text = question["content"].replace("<region>", " ").replace("<image>", " ").replace("<video>", " ")
             ids = tokenizer(text + " " + answer["content"], add_special_tokens=False)["input_ids"]
             assert tokenizer.unk_token_id not in ids, (sample.id, text)
-    assert len(answers) >= 5, answers
+    assert len(answers) >= 5 and moved > 0, (answers, moved)
 
 
 def test_location_is_opt_in_and_leaves_every_other_record_unchanged(world, with_location):
@@ -169,8 +177,9 @@ def test_location_is_opt_in_and_leaves_every_other_record_unchanged(world, with_
     _, paths = with_location
     for name, path in plain_paths.items():
         plain = json.loads(path.read_text())
-        assert not {"location", "video_location"} & {r["task"] for r in plain}
-        kept = [r for r in json.loads(paths[name].read_text()) if r["task"] not in ("location", "video_location")]
+        located = {"location", "video_location", "video_last_location"}
+        assert not located & {r["task"] for r in plain}
+        kept = [r for r in json.loads(paths[name].read_text()) if r["task"] not in located]
         assert kept == plain, name
     for path in paths.values():
         report = check_annotations(path)

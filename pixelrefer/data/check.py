@@ -127,6 +127,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                        help="add lettered colour / shape questions on every image (VideoRefer-Bench-Q layout)")
     world.add_argument("--location", action="store_true",
                        help="add where-is questions on every image and video (answers: the 3x3 cell of each object)")
+    world.add_argument("--last-location", action="store_true",
+                       help="add where-is-it-last-seen questions on every video (the 3x3 cell of each object)")
     world.set_defaults(handler=run_shapesworld)
     data.set_defaults(handler=lambda args: _usage(data))
 
@@ -146,7 +148,7 @@ def run_shapesworld(args: argparse.Namespace) -> int:
 
     sizes = {k: v for k, v in (("num_images", args.images), ("num_videos", args.videos)) if v is not None}
     for split, path in generate_shapesworld(args.out, seed=args.seed, image_choice=args.image_choice,
-                                            location=args.location,
+                                            location=args.location, last_location=args.last_location,
                                             **sizes).items():
         print(f"{split}: {path}")
     return 0

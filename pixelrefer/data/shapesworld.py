@@ -13,8 +13,10 @@ Notable:
   choice in VideoRefer-Bench-Q form (`Question`, `type`, `options`,
   `Answer`, `annotation` wrappers). `objects` describes each mask. With
   `image_choice=True` each image also gets lettered colour / shape questions
-  in that layout (as conversation turns), and with `location=True` each image
-  and video a record of where its objects are; the other records stay the same.
+  in that layout (as conversation turns), with `location=True` each image
+  and video a record of where its objects are (on a video's first frame), and
+  with `last_location=True` each video a record of where they are last seen;
+  the other records stay the same.
 - Splits: a seeded permutation, images and videos split separately (largest
   remainder), so every split with a non-zero fraction gets both.
 - `shapesworld_vocabulary()` lists every word the generator and the chat
@@ -59,6 +61,7 @@ def generate_shapesworld(
     fps: float = 2.0,
     image_choice: bool = False,
     location: bool = False,
+    last_location: bool = False,
 ) -> dict[str, Path]:
     """Write ShapesWorld to `out_dir`; return the annotation file of each split.
 
@@ -75,6 +78,8 @@ def generate_shapesworld(
         location: add a `location` record per image (where up to three objects are: "in the top left
             corner", "at the bottom", … by the 3×3 cell of the centroid) and a `video_location` record per
             video (where each object is when first seen); every other record stays the same.
+        last_location: add a `video_last_location` record per video (where each object is when last seen,
+            by the same cells); every other record stays the same.
     """
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     _validate(num_images, num_videos, splits, height, width, num_frames, fps)
@@ -87,14 +92,15 @@ def generate_shapesworld(
         records[image_split[i]] += _write_image(out, i, rng, height, width, image_choice, location)
     for i in range(num_videos):
         rng = np.random.default_rng([seed, _VIDEO, i])
-        records[video_split[i]] += _write_video(out, i, rng, height, width, num_frames, fps, location)
+        records[video_split[i]] += _write_video(out, i, rng, height, width, num_frames, fps, location,
+                                              last_location)
     paths = {}
     for name in SPLITS:
         paths[name] = out / f"{name}.json"
         atomic_write(paths[name], _json_lines(records[name]).encode("utf-8"))
     info = dict(name="ShapesWorld", version=VERSION, seed=seed, num_images=num_images, num_videos=num_videos,
                 height=height, width=width, num_frames=num_frames, fps=fps, image_choice=image_choice,
-                location=location,
+                location=location, last_location=last_location,
                 splits={name: dict(images=image_split.count(name), videos=video_split.count(name),
                                    records=len(records[name])) for name in SPLITS})
     atomic_write(out / "info.json", (json.dumps(info, indent=1) + "\n").encode("utf-8"))
@@ -184,7 +190,7 @@ def _write_image(out: Path, i: int, rng: np.random.Generator, height: int, width
 
 
 def _write_video(out: Path, i: int, rng: np.random.Generator, height: int, width: int, frames: int,
-                 fps: float, location: bool = False) -> list[dict]:
+                 fps: float, location: bool = False, last_location: bool = False) -> list[dict]:
     video = sample_video(rng, height, width, frames, fps)
     name = f"vid_{i:05d}"
     paths = [f"videos/{name}/frame_{t:02d}.png" for t in range(frames)]
@@ -192,7 +198,7 @@ def _write_video(out: Path, i: int, rng: np.random.Generator, height: int, width
         atomic_write(out / path, _png(frame))
     media = {"video": paths, "timestamps": video.timestamps, "height": height, "width": width}
     records = []
-    for record in tasks.video_tasks(video, rng, location):
+    for record in tasks.video_tasks(video, rng, location, last_location):
         per_frame = [{str(t): mask_to_rle(m) for t, m in sorted(masks.items())} for masks in record.masks]
         if record.question is None:
             records.append({"id": f"{name}-{record.task}", "task": record.task, **media,

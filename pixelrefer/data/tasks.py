@@ -57,6 +57,7 @@ REASONING_Q = "Which moves faster, <object0><region> or <object1><region>?"
 FUTURE_Q = "If <object0><region> keeps moving the same way, where will it be after the video?"
 LOCATION_Q = "Where is <region> in the image?"
 VIDEO_LOCATION_Q = "Where is <object{k}><region> when it is first seen?"
+VIDEO_LAST_LOCATION_Q = "Where is <object{k}><region> when it is last seen?"
 
 RELATIONS = {"left": "to the left of", "right": "to the right of", "up": "above", "down": "below"}
 DIRECTIONS = {"left": "to its left", "right": "to its right", "up": "above it", "down": "below it"}
@@ -362,26 +363,38 @@ def future_question(video: VideoScene, rng: np.random.Generator) -> TaskRecord |
     return _multiple_choice("Future", FUTURE_Q, [track], options)
 
 
-def video_location_task(video: VideoScene) -> TaskRecord:
-    """Where each track is on the first frame it is seen, by the 3×3 cell of its centre."""
+def _located(video: VideoScene, kind: str, question: str, pick) -> TaskRecord:
     turns = []
     for k, track in enumerate(video.tracks):
-        first = min(track.masks)
-        height, width = track.masks[first].shape
-        where = position_phrase(*track.center(first), height, width)
-        turns += [("human", VIDEO_LOCATION_Q.format(k=k)), ("gpt", where)]
-    return TaskRecord("video_location", [t.masks for t in video.tracks], [_track_info(t) for t in video.tracks], turns)
+        frame = pick(track.masks)
+        height, width = track.masks[frame].shape
+        turns += [("human", question.format(k=k)), ("gpt", position_phrase(*track.center(frame), height, width))]
+    return TaskRecord(kind, [t.masks for t in video.tracks], [_track_info(t) for t in video.tracks], turns)
+
+
+def video_location_task(video: VideoScene) -> TaskRecord:
+    """Where each track is on the first frame it is seen, by the 3×3 cell of its centre."""
+    return _located(video, "video_location", VIDEO_LOCATION_Q, min)
+
+
+def video_last_location_task(video: VideoScene) -> TaskRecord:
+    """Where each track is on the last frame it is seen: beside `video_location_task`, its motion in two cells."""
+    return _located(video, "video_last_location", VIDEO_LAST_LOCATION_Q, max)
 
 
 MULTIPLE_CHOICE = (basic_question, sequential_question, relationship_question, reasoning_question, future_question)
 
 
-def video_tasks(video: VideoScene, rng: np.random.Generator, location: bool = False) -> list[TaskRecord]:
-    """The motion caption, every multiple-choice type that has an unambiguous question on this video, and with
-    `location` where each track is first seen (last, drawing nothing, so the other records stay the same)."""
+def video_tasks(video: VideoScene, rng: np.random.Generator, location: bool = False,
+                last_location: bool = False) -> list[TaskRecord]:
+    """The motion caption, every multiple-choice type that has an unambiguous question on this video, with
+    `location` where each track is first seen and with `last_location` where it is last seen (last, drawing
+    nothing, so the other records stay the same)."""
     records = [video_caption_task(video)]
     records += [record for make in MULTIPLE_CHOICE if (record := make(video, rng)) is not None]
-    return records + [video_location_task(video)] if location else records
+    records += [video_location_task(video)] if location else []
+    records += [video_last_location_task(video)] if last_location else []
+    return records
 
 
 # Every literal string the generator writes, for `shapesworld_vocabulary()`.
@@ -390,6 +403,7 @@ TEMPLATES = (
     SAME_COLOUR_NO, COUNT_Q, PART_NAME_Q, PART_COLOUR_Q, DETAIL_LOOK, DETAIL_PARTS, DETAIL_HIDDEN, DETAIL_NEAREST,
     DETAIL_COUNT, VIDEO_CAPTION_Q, VIDEO_CAPTION_A, BASIC_COLOUR_Q, BASIC_SHAPE_Q, CHOICE_COLOUR_Q,
     CHOICE_SHAPE_Q, SEQUENTIAL_Q, RELATIONSHIP_Q, REASONING_Q, FUTURE_Q, LOCATION_Q, VIDEO_LOCATION_Q,
+    VIDEO_LAST_LOCATION_Q,
     *RELATIONS.values(), *DIRECTIONS.values(),
     *MOTION_PHRASES.values(), *EVENT_PHRASES.values(), *FUTURE_PHRASES.values(), *SPEED_OPTIONS, *NUMBER_WORDS,
     *ROWS, *COLUMNS,

@@ -220,7 +220,7 @@ def _finite(value):
 
 def shapesworld_test_split(folder: str | Path, *, seed: int | None = None, num_images: int | None = None,
                            num_videos: int | None = None, image_choice: bool | None = None,
-                           location: bool | None = None) -> Path:
+                           location: bool | None = None, last_location: bool | None = None) -> Path:
     """The ShapesWorld test split in `folder`, generated unless a split of the same parameters is there.
 
     Parameters left as None are those the shipped `shapes-tiny` models were trained with
@@ -232,7 +232,7 @@ def shapesworld_test_split(folder: str | Path, *, seed: int | None = None, num_i
     folder = Path(folder)
     info = folder / "info.json"
     given = dict(seed=seed, num_images=num_images, num_videos=num_videos, image_choice=image_choice,
-                 location=location)
+                 location=location, last_location=last_location)
     wanted = dict(TRAIN_PRESETS["shapes-tiny"]["shapesworld"], **{k: v for k, v in given.items() if v is not None})
     if info.exists() and (folder / "test.json").exists():
         existing = json.loads(info.read_text())
@@ -251,12 +251,15 @@ def add_split_arguments(parser) -> None:
     parser.add_argument("--image-choice", action="store_true", help="a split with image multiple choice")
     parser.add_argument("--location", action="store_true",
                         help="a split with location questions (where each object is; the other records unchanged)")
+    parser.add_argument("--last-location", action="store_true",
+                        help="a split with where each video object is last seen (the other records unchanged)")
 
 
 def split_from_arguments(args) -> Path:
     """The test split `add_split_arguments`' options name (generated if missing, see `shapesworld_test_split`)."""
     return shapesworld_test_split(args.data, num_images=args.num_images, num_videos=args.num_videos,
-                                  image_choice=args.image_choice or None, location=args.location or None)
+                                  image_choice=args.image_choice or None, location=args.location or None,
+                                  last_location=args.last_location or None)
 
 
 def benchmark_data(benchmark: str, data: str | Path | None, folder: str | Path, **shapesworld) -> Path:
