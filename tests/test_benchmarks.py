@@ -233,6 +233,22 @@ def test_motion_readout_script_reports_the_readout_of_an_embedded_model(tmp_path
     assert report["centres"] == 1.0 and 0 <= report["tokens"] <= 1 and 0 <= report["location_share"] <= 1
 
 
+def test_llm_readout_script_reports_per_layer_probes_of_an_embedded_model(tmp_path):
+    done = subprocess.run([sys.executable, "benchmarks/llm_readout.py", "--model", "shapes-tiny", "--data",
+                           str(tmp_path), "--num-images", "2", "--num-videos", "20", "--train-records", "8",
+                           "--threads", "1", "--attributes", "motion", "colour"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    layers = report["layers"]
+    assert report["model"] == "shapes-tiny" and report["train_objects"] >= 8 and report["test_objects"] >= 1
+    assert layers == list(range(len(layers))) and len(layers) >= 2
+    for attribute in ("motion", "colour"):
+        assert len(report[attribute]["per_layer"]) == len(layers)
+        assert all(0 <= a <= 1 for a in report[attribute]["per_layer"]) and 0 < report[attribute]["majority"] <= 1
+    assert 0 <= report["next_word"] <= 1 and "speed" not in report
+
+
 def test_cached_media_script_times_both_steps_with_equal_losses(tmp_path):
     done = subprocess.run([sys.executable, "benchmarks/cached_media.py", "--model", "shapes-tiny", "--data",
                            str(tmp_path), "--num-images", "2", "--num-videos", "20", "--records", "6",

@@ -225,3 +225,53 @@ def test_location_share_is_the_part_of_the_raw_variance_location_explains():
     assert location_share(shifted, centres) < 0.01 and location_share(shifted, centres, groups) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="differ in count"):
         location_share(located[:10], centres)
+
+
+@pytest.mark.parametrize("framework", ["object_only", "vision_object"])
+def test_llm_track_states_read_the_state_whose_next_word_is_the_motion(tmp_path, framework):
+    """One state per layer (and the embeddings) per labelled object without an event, taken at the last word of
+    the teacher-forced prefix: the same state a full caption has there (the LLM is causal), at the category word."""
+    from pixelrefer.analysis.probe import llm_track_states
+    from pixelrefer.data import generate_shapesworld, load_annotations
+
+    paths = generate_shapesworld(tmp_path, seed=3, num_images=1, num_videos=4, splits=(1.0, 0.0, 0.0))
+    records = [s for s in load_annotations(paths["train"], tmp_path) if s.task == "video_caption"]
+    model, processor = build(framework)
+    states, labels = llm_track_states(model, processor, records)
+    expected = [o for r in records for o in r.meta["objects"] if not o["event"]]
+    assert labels == expected and len(expected) < sum(len(r.meta["objects"]) for r in records)
+    assert states.shape == (model.config.text_config.num_hidden_layers + 1, len(expected),
+                            model.config.text_config.hidden_size)
+    record = next(r for r in records if not r.meta["objects"][0]["event"])
+    _, _, video, masks = record.load_media()
+    info = record.meta["objects"][0]
+    caption = f"the {info['colour']} {info['category']} moves left"
+    turns = [{"role": "user", "content": "<video>\nWhat does <region> do?"}, {"role": "assistant", "content": caption}]
+    inputs = processor(text=[turns], images=[None], videos=[video], masks=[[masks[0]]])
+    ids = inputs["input_ids"][0].tolist()
+    at = len(ids) - 1 - ids[::-1].index(processor.tokenizer.convert_tokens_to_ids(info["category"]))
+    with torch.no_grad():
+        full = model(**inputs, output_hidden_states=True).hidden_states
+    assert labels.count(info) == 1
+    assert torch.allclose(states[:, labels.index(info)], torch.stack([h[0, at] for h in full]), atol=1e-5)
+    bare, _ = llm_track_states(model, processor, [record], prefix="")
+    prompt = processor(text=[turns[:1]], images=[None], videos=[video], masks=[[masks[0]]])
+    with torch.no_grad():
+        last = model(**prompt, output_hidden_states=True).hidden_states[-1][0, -1]
+    assert torch.allclose(bare[-1, 0], last, atol=1e-5), "no prefix: the last prompt token"
+    with pytest.raises(ValueError, match="motion label"):
+        llm_track_states(model, processor, [s for s in load_annotations(paths["train"], tmp_path) if s.image])
+
+
+def test_layer_probes_find_the_layer_that_carries_the_attribute():
+    from pixelrefer.analysis.probe import layer_probes
+
+    g = torch.Generator().manual_seed(0)
+    motions = ["left", "right", "up", "down", "still"]
+    labels = [{"motion": motions[i % 5]} for i in range(300)]
+    states = torch.randn(3, 300, 16, generator=g)
+    states[1, :, :5] += 4 * torch.eye(5)[torch.arange(300) % 5]
+    accuracy = layer_probes((states[:, :200], labels[:200]), (states[:, 200:], labels[200:]), "motion")
+    assert accuracy[1] > 0.95 and max(accuracy[0], accuracy[2]) < 0.45
+    with pytest.raises(ValueError, match="layers"):
+        layer_probes((states[:2, :200], labels[:200]), (states[:, 200:], labels[200:]), "motion")

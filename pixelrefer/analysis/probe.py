@@ -31,6 +31,14 @@ Notable:
   track per unit) only the variance within each track, where motion lives.
   A readout can be near exact while the share is a few percent: standardised
   regressions hear quiet directions that the LLM's dot products do not.
+- `llm_track_states` and `layer_probes`: does the LLM compute what its
+  tokens carry? Each labelled video object alone in the caption prompt, its
+  answer teacher-forced up to the motion ("the red square"): the hidden state
+  there after every LLM layer (0: the input embeddings), the state whose next
+  word is the motion. A linear probe per layer of its motion (or speed): high
+  at the last layer beside a model whose captions miss the motion means the
+  readout is lost on the way out; chance at every layer, that the LLM never
+  gathers it from the object tokens.
 - `variance_share` is the fraction of the features' total variance that an
   attribute's class means explain (R²): linear readability says a signal is
   there, its share says how loud it is next to the others.
@@ -298,3 +306,63 @@ def variance_share(features: torch.Tensor, labels: list[dict], attribute: str) -
     means = torch.zeros(len(values), features.shape[1], dtype=torch.float64).index_add_(0, index, centred)
     means /= torch.bincount(index, minlength=len(values)).clamp(min=1)[:, None]
     return float((means[index] ** 2).sum() / (centred**2).sum())
+
+
+MOTION_QUESTION = "What does <region> do?"
+
+
+@torch.no_grad()
+def llm_track_states(model, processor, samples: Sequence, *, question: str = MOTION_QUESTION,
+                     prefix: str = "the {colour} {category}") -> tuple[torch.Tensor, list[dict]]:
+    """The LLM's hidden states where each labelled video object's motion is next: (layers + 1, objects, D), index
+    0 the input embeddings; and the objects' labels (ShapesWorld `objects` entries: motion, speed, colour, …).
+
+    Each object of each video record is alone in a prompt asking `question`, its answer teacher-forced to
+    `prefix` (formatted with the object's labels; "" reads the last prompt token). Objects with an event
+    (appears / disappears) are left out: their next word is the event, not the motion.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    states, labels = [], []
+    for sample in samples:
+        objects = getattr(sample, "meta", {}).get("objects") or []
+        if not getattr(sample, "is_video", False) or not objects or not all("motion" in o for o in objects):
+            continue
+        _, _, video, masks = sample.load_media()
+        if len(masks) != len(objects):
+            raise ValueError(f"{sample.where}: {len(masks)} masks but {len(objects)} labelled objects")
+        for k, (spec, info) in enumerate(zip(masks, objects)):
+            if info.get("event"):
+                continue
+            turns = [{"role": "user", "content": f"<video>\n{question}"}]
+            answer = prefix.format(**info).strip()
+            if answer:
+                turns.append({"role": "assistant", "content": answer})
+            encoded = processor.encode([turns], images=[None], videos=[video], masks=[[spec]],
+                                       add_generation_prompt=not answer)
+            if answer:  # the last answer word, not the <|im_end|> the template closes the turn with
+                ids = encoded.inputs["input_ids"][0]
+                words = [span for span in encoded.spans[0] if span.group == "answer"
+                         and not (ids[span.start:span.end] == processor.tokenizer.eos_token_id).all()]
+                position = words[-1].end - 1
+            else:
+                position = encoded.inputs["input_ids"].shape[1] - 1
+            inputs = {key: v.to(device) if torch.is_tensor(v) else v for key, v in encoded.inputs.items()}
+            hidden = model(**inputs, output_hidden_states=True).hidden_states
+            states.append(torch.stack([h[0, position] for h in hidden]).float().cpu())
+            labels.append(dict(info))
+    model.train(was_training)
+    if not labels:
+        raise ValueError("no video object with a motion label and no event (ShapesWorld video captions)")
+    return torch.stack(states, dim=1), labels
+
+
+def layer_probes(train: tuple[torch.Tensor, list[dict]], test: tuple[torch.Tensor, list[dict]], attribute: str,
+                 **probe_options) -> list[float]:
+    """`linear_probe` accuracy of `attribute` at every layer of `llm_track_states` outputs (train, test)."""
+    (x, labels), (x_test, test_labels) = train, test
+    if x.shape[0] != x_test.shape[0]:
+        raise ValueError(f"train states have {x.shape[0]} layers, test states {x_test.shape[0]}")
+    return [linear_probe((x[i], labels), (x_test[i], test_labels), attribute, **probe_options).accuracy
+            for i in range(x.shape[0])]
