@@ -21,10 +21,8 @@ import time
 
 import torch
 
-import pixelrefer
 from pixelrefer.analysis.probe import layer_probes, llm_track_states
-from pixelrefer.data import load_annotations
-from pixelrefer.evaluation.runners import add_split_arguments, split_from_arguments
+from pixelrefer.evaluation.runners import add_split_arguments, model_and_task_records
 
 
 def main() -> None:
@@ -36,12 +34,7 @@ def main() -> None:
     parser.add_argument("--attributes", nargs="+", default=["motion", "speed"])
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, processor = pixelrefer.load(args.model)
-    root = split_from_arguments(args).parent
-    videos = {split: [s for s in load_annotations(root / f"{split}.json", root) if s.task == "video_caption"]
-              for split in ("train", "test")}
+    model, processor, videos = model_and_task_records(args, "video_caption")
     started = time.perf_counter()
     fitted = llm_track_states(model, processor, videos["train"][: args.train_records], prefix=args.prefix)
     scored = llm_track_states(model, processor, videos["test"], prefix=args.prefix)

@@ -20,12 +20,8 @@ import argparse
 import json
 import time
 
-import torch
-
-import pixelrefer
 from pixelrefer.analysis.probe import TRACK_STAGES, motion_readout, track_features
-from pixelrefer.data import load_annotations
-from pixelrefer.evaluation.runners import add_split_arguments, split_from_arguments
+from pixelrefer.evaluation.runners import add_split_arguments, model_and_task_records
 
 
 def main() -> None:
@@ -37,12 +33,7 @@ def main() -> None:
     parser.add_argument("--stage", choices=TRACK_STAGES, default="tokens")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, processor = pixelrefer.load(args.model)
-    root = split_from_arguments(args).parent
-    videos = {split: [s for s in load_annotations(root / f"{split}.json", root) if s.task == "video_caption"]
-              for split in ("train", "test")}
+    model, processor, videos = model_and_task_records(args, "video_caption")
     started = time.perf_counter()
     fitted = track_features(model, processor, videos["train"][: args.train_records], stage=args.stage)
     scored = track_features(model, processor, videos["test"], stage=args.stage)

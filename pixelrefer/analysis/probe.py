@@ -186,6 +186,20 @@ class TrackFeatures:
     frame_size: tuple[int, int]  # (height, width) of the frames
 
 
+def _labelled_video_objects(samples: Sequence):
+    """(sample, video, object index, its masks, its labels) for every object of the video records whose objects
+    all carry a `motion` label (ShapesWorld video captions)."""
+    for sample in samples:
+        objects = getattr(sample, "meta", {}).get("objects") or []
+        if not getattr(sample, "is_video", False) or not objects or not all("motion" in o for o in objects):
+            continue
+        _, _, video, masks = sample.load_media()
+        if len(masks) != len(objects):
+            raise ValueError(f"{sample.where}: {len(masks)} masks but {len(objects)} labelled objects")
+        for k, (spec, info) in enumerate(zip(masks, objects)):
+            yield sample, video, k, spec, info
+
+
 @torch.no_grad()
 def track_features(model, processor, samples: Sequence, *, stage: str = "tokens") -> TrackFeatures:
     """`TrackFeatures` of every video record of `samples` whose objects carry a `motion` label (ShapesWorld
@@ -201,34 +215,27 @@ def track_features(model, processor, samples: Sequence, *, stage: str = "tokens"
     was_training = model.training
     model.eval()
     features, centres, track, frame, motions, size = [], [], [], [], [], None
-    for sample in samples:
-        objects = getattr(sample, "meta", {}).get("objects") or []
-        if not getattr(sample, "is_video", False) or not objects or not all("motion" in o for o in objects):
-            continue
-        _, _, video, masks = sample.load_media()
-        if len(masks) != len(objects):
-            raise ValueError(f"{sample.where}: {len(masks)} masks but {len(objects)} labelled objects")
-        for k, (spec, info) in enumerate(zip(masks, objects)):
-            frames = sorted(int(t) for t, m in spec.items() if torch.as_tensor(m).any())
-            if not frames:
-                raise ValueError(f"{sample.where}, object {k}: every frame's mask is empty")
-            spec = {t: spec[t] if t in spec else spec[str(t)] for t in frames}
-            prompt = [{"role": "user", "content": "<video>\nWhat does <region> do?"}]
-            encoded = processor(text=[prompt], images=[None], videos=[video], masks=[[spec]])
-            regions = {key: v.to(device) for key, v in encoded.items() if key.startswith("region_") and torch.is_tensor(v)}
-            out = model.get_object_features(**regions)
-            chosen = {"tokens": out.tokens, "centroids": out.aggregated.features,
-                      "pre_mlp": out.aggregated.features if out.infused is None else out.infused}[stage]
-            valid = out.valid.to(chosen.dtype)[..., None]
-            features.append(((chosen * valid).sum(1) / valid.sum(1).clamp(min=1)).float().cpu())
-            height, width = next(iter(spec.values())).shape[-2:]
-            size = (int(height), int(width))
-            for t in frames:
-                rows, cols = torch.as_tensor(spec[t]).squeeze().nonzero(as_tuple=True)
-                centres.append([(cols.double().mean() + 0.5) / width, (rows.double().mean() + 0.5) / height])
-            track += [len(motions)] * len(frames)
-            frame += frames
-            motions.append(info["motion"])
+    for sample, video, k, spec, info in _labelled_video_objects(samples):
+        frames = sorted(int(t) for t, m in spec.items() if torch.as_tensor(m).any())
+        if not frames:
+            raise ValueError(f"{sample.where}, object {k}: every frame's mask is empty")
+        spec = {t: spec[t] if t in spec else spec[str(t)] for t in frames}
+        prompt = [{"role": "user", "content": "<video>\nWhat does <region> do?"}]
+        encoded = processor(text=[prompt], images=[None], videos=[video], masks=[[spec]])
+        regions = {key: v.to(device) for key, v in encoded.items() if key.startswith("region_") and torch.is_tensor(v)}
+        out = model.get_object_features(**regions)
+        chosen = {"tokens": out.tokens, "centroids": out.aggregated.features,
+                  "pre_mlp": out.aggregated.features if out.infused is None else out.infused}[stage]
+        valid = out.valid.to(chosen.dtype)[..., None]
+        features.append(((chosen * valid).sum(1) / valid.sum(1).clamp(min=1)).float().cpu())
+        height, width = next(iter(spec.values())).shape[-2:]
+        size = (int(height), int(width))
+        for t in frames:
+            rows, cols = torch.as_tensor(spec[t]).squeeze().nonzero(as_tuple=True)
+            centres.append([(cols.double().mean() + 0.5) / width, (rows.double().mean() + 0.5) / height])
+        track += [len(motions)] * len(frames)
+        frame += frames
+        motions.append(info["motion"])
     model.train(was_training)
     if not motions:
         raise ValueError("no video record whose objects carry a motion label (ShapesWorld video captions)")
@@ -325,33 +332,26 @@ def llm_track_states(model, processor, samples: Sequence, *, question: str = MOT
     was_training = model.training
     model.eval()
     states, labels = [], []
-    for sample in samples:
-        objects = getattr(sample, "meta", {}).get("objects") or []
-        if not getattr(sample, "is_video", False) or not objects or not all("motion" in o for o in objects):
+    for _, video, _, spec, info in _labelled_video_objects(samples):
+        if info.get("event"):
             continue
-        _, _, video, masks = sample.load_media()
-        if len(masks) != len(objects):
-            raise ValueError(f"{sample.where}: {len(masks)} masks but {len(objects)} labelled objects")
-        for k, (spec, info) in enumerate(zip(masks, objects)):
-            if info.get("event"):
-                continue
-            turns = [{"role": "user", "content": f"<video>\n{question}"}]
-            answer = prefix.format(**info).strip()
-            if answer:
-                turns.append({"role": "assistant", "content": answer})
-            encoded = processor.encode([turns], images=[None], videos=[video], masks=[[spec]],
-                                       add_generation_prompt=not answer)
-            if answer:  # the last answer word, not the <|im_end|> the template closes the turn with
-                ids = encoded.inputs["input_ids"][0]
-                words = [span for span in encoded.spans[0] if span.group == "answer"
-                         and not (ids[span.start:span.end] == processor.tokenizer.eos_token_id).all()]
-                position = words[-1].end - 1
-            else:
-                position = encoded.inputs["input_ids"].shape[1] - 1
-            inputs = {key: v.to(device) if torch.is_tensor(v) else v for key, v in encoded.inputs.items()}
-            hidden = model(**inputs, output_hidden_states=True).hidden_states
-            states.append(torch.stack([h[0, position] for h in hidden]).float().cpu())
-            labels.append(dict(info))
+        turns = [{"role": "user", "content": f"<video>\n{question}"}]
+        answer = prefix.format(**info).strip()
+        if answer:
+            turns.append({"role": "assistant", "content": answer})
+        encoded = processor.encode([turns], images=[None], videos=[video], masks=[[spec]],
+                                   add_generation_prompt=not answer)
+        if answer:  # the last answer word, not the <|im_end|> the template closes the turn with
+            ids = encoded.inputs["input_ids"][0]
+            words = [span for span in encoded.spans[0] if span.group == "answer"
+                     and not (ids[span.start:span.end] == processor.tokenizer.eos_token_id).all()]
+            position = words[-1].end - 1
+        else:
+            position = encoded.inputs["input_ids"].shape[1] - 1
+        inputs = {key: v.to(device) if torch.is_tensor(v) else v for key, v in encoded.inputs.items()}
+        hidden = model(**inputs, output_hidden_states=True).hidden_states
+        states.append(torch.stack([h[0, position] for h in hidden]).float().cpu())
+        labels.append(dict(info))
     model.train(was_training)
     if not labels:
         raise ValueError("no video object with a motion label and no event (ShapesWorld video captions)")

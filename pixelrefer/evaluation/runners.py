@@ -262,6 +262,26 @@ def split_from_arguments(args) -> Path:
                                   last_location=args.last_location or None)
 
 
+def model_and_task_records(args, task: str) -> tuple:
+    """What a probe benchmark reads: `--threads` applied, the `--model` loaded, and `split_task_records`."""
+    import torch
+
+    import pixelrefer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, processor = pixelrefer.load(args.model)
+    return model, processor, split_task_records(args, task)
+
+
+def split_task_records(args, task: str, splits: tuple[str, ...] = ("train", "test")) -> dict[str, list]:
+    """The records of one `task` in each of `splits` of the split `add_split_arguments`' options name."""
+    from pixelrefer.data import load_annotations
+
+    root = split_from_arguments(args).parent
+    return {split: [s for s in load_annotations(root / f"{split}.json", root) if s.task == task] for split in splits}
+
+
 def benchmark_data(benchmark: str, data: str | Path | None, folder: str | Path, **shapesworld) -> Path:
     """`data` when given; else, for ShapesWorld only, its test split generated in `folder` (see above)."""
     spec = get_benchmark(benchmark)
