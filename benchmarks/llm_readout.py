@@ -15,24 +15,19 @@ Compare with `benchmarks/motion_readout.py` (the tokens carry motion) and `video
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import torch
 
 from pixelrefer.analysis.probe import layer_probes, llm_track_states
-from pixelrefer.evaluation.runners import add_split_arguments, model_and_task_records
+from pixelrefer.evaluation.runners import model_and_task_records, probe_parser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="shapes-tiny-lite")
-    add_split_arguments(parser)
-    parser.add_argument("--train-records", type=int, default=300)
+    parser = probe_parser(__doc__.splitlines()[0], model="shapes-tiny-lite", train_records=300)
     parser.add_argument("--prefix", default="the {colour} {category}")
     parser.add_argument("--attributes", nargs="+", default=["motion", "speed"])
-    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     model, processor, videos = model_and_task_records(args, "video_caption")
     started = time.perf_counter()

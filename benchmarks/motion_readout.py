@@ -16,22 +16,17 @@ the object path location is lost.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 from pixelrefer.analysis.probe import TRACK_STAGES, motion_readout, track_features
-from pixelrefer.evaluation.runners import add_split_arguments, model_and_task_records
+from pixelrefer.evaluation.runners import model_and_task_records, probe_parser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="shapes-tiny-lite")
-    add_split_arguments(parser)
-    parser.add_argument("--train-records", type=int, default=200)
+    parser = probe_parser(__doc__.splitlines()[0], model="shapes-tiny-lite", train_records=200)
     parser.add_argument("--ridge", type=float, default=1.0)
     parser.add_argument("--stage", choices=TRACK_STAGES, default="tokens")
-    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     model, processor, videos = model_and_task_records(args, "video_caption")
     started = time.perf_counter()

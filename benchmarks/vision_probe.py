@@ -13,7 +13,6 @@ vision_encoder.safetensors`) in the model's place. The split is the one the ship
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -24,17 +23,13 @@ from safetensors.torch import load_file
 import pixelrefer
 from pixelrefer.analysis.probe import STAGES, linear_probe, object_features, variance_share
 from pixelrefer.data import load_annotations
-from pixelrefer.evaluation.runners import add_split_arguments, split_from_arguments
+from pixelrefer.evaluation.runners import probe_parser, split_from_arguments
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="shapes-tiny")
+    parser = probe_parser(__doc__.splitlines()[0], model="shapes-tiny", train_records=1200)
     parser.add_argument("--encoder", default=None, help="a vision_encoder.safetensors to load into the model")
     parser.add_argument("--stage", default="encoder", choices=STAGES, help="where to read object features")
-    add_split_arguments(parser)
-    parser.add_argument("--train-records", type=int, default=1200)
-    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -373,3 +373,15 @@ def test_benchmark_split_options_name_the_split(tmp_path):
     assert "location" in {record["task"] for record in json.loads(test_file.read_text())}
     assert "video_last_location" in {record["task"] for split in ("train", "val", "test")
                                      for record in json.loads((tmp_path / f"{split}.json").read_text())}
+
+
+def test_probe_parser_gives_the_shared_probe_options_and_takes_a_scripts_own():
+    from pixelrefer.evaluation.runners import probe_parser
+
+    parser = probe_parser("a probe", model="shapes-tiny", train_records=300)
+    parser.add_argument("--ridge", type=float, default=1.0)
+    defaults = parser.parse_args([])
+    assert (defaults.model, defaults.train_records, defaults.threads, defaults.ridge, defaults.last_location) == (
+        "shapes-tiny", 300, None, 1.0, False)
+    args = parser.parse_args(["--model", "m", "--train-records", "8", "--threads", "1", "--location"])
+    assert (args.model, args.train_records, args.threads, args.location) == ("m", 8, 1, True)

@@ -262,6 +262,19 @@ def split_from_arguments(args) -> Path:
                                   last_location=args.last_location or None)
 
 
+def probe_parser(description: str, *, model: str, train_records: int):
+    """The options every probe benchmark takes: `--model`, the split (`add_split_arguments`), how many train records
+    fit the probe, and `--threads`; a script adds its own."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", default=model)
+    add_split_arguments(parser)
+    parser.add_argument("--train-records", type=int, default=train_records, help="train records the probe is fitted on")
+    parser.add_argument("--threads", type=int, default=None)
+    return parser
+
+
 def model_and_task_records(args, task: str) -> tuple:
     """What a probe benchmark reads: `--threads` applied, the `--model` loaded, and `split_task_records`."""
     import torch
