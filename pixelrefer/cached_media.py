@@ -43,6 +43,7 @@ from pixelrefer.stage_checkpoint import StageCheckpoint
 
 LLM_PREFIXES = ("model.language_model.", "lm_head.")
 OBJECT_MLP = "model.object_tokenizer.mlp."
+OBJECT_TIME = "model.object_tokenizer.time_embedding."  # trains with the object MLP
 PROJECTOR = "model.projector."
 
 
@@ -56,6 +57,8 @@ class CachedRecord:
     kind: a multiple-choice record's question type (Bench-Q `type`: Basic, Sequential, …), else "".
     objects: (N, K, C) features of the record's N object units before the object MLP, or None when not kept.
     object_valid: (N, K) bool real tokens of those units (the MLP's output is zeroed elsewhere).
+    object_frames: (N,) frame index of each unit (-1 for an image), for a model whose object tokens carry a time
+        embedding (`object_time_embedding`), kept with `objects`.
     vision: (V, C) features entering the image projector of the record's V image and video slots, in sequence
         order, or None when not kept.
     """
@@ -69,6 +72,7 @@ class CachedRecord:
     kind: str = ""
     objects: Tensor | None = None
     object_valid: Tensor | None = None
+    object_frames: Tensor | None = None
     vision: Tensor | None = None
 
 
@@ -194,7 +198,8 @@ def cache_media(model, processor, samples: Sequence, *, dtype: torch.dtype = tor
             if objects:
                 width, tokens = _object_shape(model)
                 kept = dict(objects=captured.get("objects", embeds.new_zeros(0, tokens, width)).to("cpu", dtype),
-                            object_valid=captured.get("object_valid", torch.zeros(0, tokens, dtype=torch.bool)).cpu())
+                            object_valid=captured.get("object_valid", torch.zeros(0, tokens, dtype=torch.bool)).cpu(),
+                            object_frames=batch.get("region_frame_index", torch.zeros(0, dtype=torch.long)).cpu())
             if vision:
                 kept["vision"] = _projector_inputs(captured.get("projector", []), batch, input_ids, model.config,
                                                    where).to("cpu", dtype)
@@ -235,7 +240,7 @@ def collate_cached(records: Sequence[CachedRecord], pad_token_id: int) -> dict[s
         input_ids[b, :n], labels[b, :n], attention[b, :n] = record.input_ids, record.labels, record.attention_mask
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention,
              "media": torch.cat([r.media for r in records])}
-    for field, what, keys in (("objects", "object features", ("objects", "object_valid")),
+    for field, what, keys in (("objects", "object features", ("objects", "object_valid", "object_frames")),
                               ("vision", "projector inputs", ("vision",))):
         kept = [getattr(r, field) is not None for r in records]
         if not any(kept):
@@ -276,7 +281,8 @@ def cached_embeds(model, batch: dict[str, Tensor]) -> Tensor:
         return embeds
     valid = batch["object_valid"].to(embeds.device)
     features = batch["objects"].to(embeds.device, next(inner.object_tokenizer.parameters()).dtype)
-    tokens = inner.object_tokenizer.project(features) * valid[..., None]  # (N, K, D), as get_object_features
+    tokens = inner.object_tokenizer.project(features, batch.get("object_frames")) * valid[..., None]  # (N, K, D),
+    # as get_object_features
     return inner.scatter_object_tokens(input_ids, embeds, ObjectFeatures(tokens=tokens, valid=valid))
 
 
@@ -348,7 +354,7 @@ def train_on_cached_media(model, records: Sequence[CachedRecord], *, steps: int,
     Each step draws `batch_size` records with replacement from the task-weighted pool (seeded by `seed`).
     AdamW, cosine schedule with warm-up, gradient norm clipped at 1; only the LLM's parameters are given to
     the optimizer, so the rest of the model is untouched. `object_mlp_lr` trains the object MLP too, at that
-    rate, on records cached with `objects=True`. `callback(step, loss)` runs after each step. `checkpoint`
+    rate, on records cached with `objects=True` (and the object time embedding, when the model has one). `callback(step, loss)` runs after each step. `checkpoint`
     (`pixelrefer.stage_checkpoint`) saves what trains, the optimizer and the sampler every few steps and
     continues from its last save.
     """
@@ -360,8 +366,10 @@ def train_on_cached_media(model, records: Sequence[CachedRecord], *, steps: int,
     named = dict(model.named_parameters())
     trained = LLM_PREFIXES
     groups = [{"params": [p for n, p in named.items() if n.startswith(LLM_PREFIXES)], "lr": lr}]
-    extra = (("object_mlp_lr", object_mlp_lr, OBJECT_MLP, "objects", "the object MLP", "object features", "objects"),
-             ("projector_lr", projector_lr, PROJECTOR, "vision", "the image projector", "projector inputs", "vision"))
+    extra = (("object_mlp_lr", object_mlp_lr, (OBJECT_MLP, OBJECT_TIME), "objects", "the object MLP", "object features",
+              "objects"),
+             ("projector_lr", projector_lr, (PROJECTOR,), "vision", "the image projector", "projector inputs",
+              "vision"))
     for name, rate, prefix, field, module, what, flag in extra:
         if rate is None:
             continue
@@ -370,7 +378,7 @@ def train_on_cached_media(model, records: Sequence[CachedRecord], *, steps: int,
             raise ValueError(f"{name} trains {module}, but {lacking} was cached without its {what}: cache with "
                              f"{flag}=True")
         groups.append({"params": [p for n, p in named.items() if n.startswith(prefix)], "lr": rate})
-        trained += (prefix,)
+        trained += prefix
     if projector_lr is not None and not any(r.vision.shape[0] for r in records):
         raise ValueError("projector_lr trains the image projector, but no record has image or video tokens "
                          "(an object-only model sends none to its LLM)")

@@ -57,6 +57,11 @@ class PixelReferConfig(VideoLlama3Config):
         freeze_vision_encoder: the paper trains with the encoder frozen.
         release_swapped_position_axes: reproduce the release's box read as
             (x0, y0, x1, y1) while stored as (top, left, bottom, right).
+        object_time_embedding: add a learned embedding of its frame to every
+            token of a video object unit (the paper's "timestamps embeddings",
+            §4.3; `pixelrefer.modeling.time_embedding`). The release writes
+            only `Time t:` text before each unit; so does the default.
+        object_time_frames: the clip length the time embedding's ramp spans.
         release_variable_token_count: an object with fewer foreground cells
             than n gets that many tokens (the release's PixelRefer) instead of
             n tokens with the empty ones masked out.
@@ -91,6 +96,8 @@ class PixelReferConfig(VideoLlama3Config):
     video_merge_size: int = 2
     video_compression_threshold: float | None = 0.1
     freeze_vision_encoder: bool = True
+    object_time_embedding: bool = False
+    object_time_frames: int = 8
     release_swapped_position_axes: bool = False
     release_variable_token_count: bool = False
     release_prompt_format: bool = False
@@ -102,6 +109,8 @@ class PixelReferConfig(VideoLlama3Config):
             raise ValueError(f"object_tokenizer must be one of {OBJECT_TOKENIZERS}, got {self.object_tokenizer!r}")
         if self.position_init_std is not None and not self.position_init_std > 0:
             raise ValueError(f"position_init_std must be a positive number or None, got {self.position_init_std}")
+        if self.object_time_frames < 2:
+            raise ValueError(f"object_time_frames must be at least 2, got {self.object_time_frames}")
         if self.num_object_tokens < 1:
             raise ValueError(f"num_object_tokens must be >= 1, got {self.num_object_tokens}")
         if self.downscale_threshold is None:

@@ -477,10 +477,11 @@ class PixelReferProcessor:
         return EncodedBatch(BatchFeature(data=data), spans, crops)
 
     def _region_inputs(self, samples) -> dict:
-        """Packed crops of every (object, frame) unit of the batch, in placeholder order."""
+        """Packed crops of every (object, frame) unit of the batch, in placeholder order, and each unit's frame in its
+        clip (`region_frame_index`, -1 for an image unit; read by the object time embedding)."""
         cfg = self.config
         patch = cfg.patch_size
-        pixels, grids, cell_mask, positions, token_valid = [], [], [], [], []
+        pixels, grids, cell_mask, positions, token_valid, frame_index = [], [], [], [], [], []
         local, global_pixels, global_index, global_rows = [], [], [], {}
         for b, s in enumerate(samples):
             for unit in s["units"]:
@@ -493,6 +494,7 @@ class PixelReferProcessor:
                     valid = np.zeros(cfg.tokens_per_object, dtype=bool)
                     valid[: self._valid_tokens(crop)] = True
                     token_valid.append(valid)
+                    frame_index.append(t if s["is_video"] else -1)
                     if cfg.is_lite:
                         frame = s["frames"][t]
                         local.append(patchify(regions.local_crop(frame, crop.box, cfg.oci_local_size), patch))
@@ -509,6 +511,7 @@ class PixelReferProcessor:
             region_cell_mask=torch.from_numpy(np.concatenate(cell_mask)),
             region_cell_positions=torch.from_numpy(np.concatenate(positions).astype(np.float32)),
             region_token_valid=torch.from_numpy(np.stack(token_valid)),
+            region_frame_index=torch.tensor(frame_index, dtype=torch.long),
         )
         if cfg.is_lite:
             data.update(

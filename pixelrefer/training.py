@@ -173,6 +173,9 @@ class MediaStage:
     tokens). `vision_steps` first continues stage 0 on the vision encoder for that many steps (fresh heads,
     `vision_lr`, on `vision_shapesworld`'s images or the main stage's records) before the tokens are cached, so
     the stage's object MLP and LLM learn to read a better encoder; the encoder is saved with the stage.
+    `object_time_embedding` switches the model's object time embedding on at this stage
+    (`PixelReferConfig.object_time_embedding`, the paper's timestamp embeddings) before the tokens are cached, its
+    vectors starting at that mean norm (seeded by `seed`); it trains with the object MLP, so it needs `object_mlp_lr`.
     """
 
     steps: int
@@ -188,6 +191,7 @@ class MediaStage:
     vision_lr: float = 1e-3
     vision_batch_size: int = 16
     vision_shapesworld: dict | None = None
+    object_time_embedding: float | None = None
 
     @classmethod
     def parse(cls, spec: dict, index: int) -> "MediaStage":
@@ -215,6 +219,13 @@ class MediaStage:
                                  f"integer, got {value!r}")
         if not (isinstance(stage.vision_lr, (int, float)) and stage.vision_lr > 0):
             raise ValueError(f"{where}: vision_lr must be a positive number, got {stage.vision_lr!r}")
+        norm = stage.object_time_embedding
+        if norm is not None:
+            if isinstance(norm, bool) or not (isinstance(norm, (int, float)) and norm > 0):
+                raise ValueError(f"{where}: object_time_embedding is the norm the time embedding starts at, a positive "
+                                 f"number or None, got {norm!r}")
+            if stage.object_mlp_lr is None:
+                raise ValueError(f"{where}: object_time_embedding trains with the object MLP: set object_mlp_lr")
         return stage
 
     @staticmethod
@@ -829,7 +840,7 @@ class Trainer:
     def media_stage(self, index: int = 0, callback: Callable[[str, int, float], None] | None = None) -> list[float]:
         """Frozen-media stage `index`: cache every record's media tokens, then fit the LLM alone on them (main
         process); loaded everywhere after, and loaded instead of refit when its folder exists."""
-        from pixelrefer.cached_media import OBJECT_MLP, PROJECTOR, cache_media, train_on_cached_media
+        from pixelrefer.cached_media import OBJECT_MLP, OBJECT_TIME, PROJECTOR, cache_media, train_on_cached_media
 
         cfg, acc = self.config, self.accelerator
         stage = cfg.frozen_media_stages()[index]
@@ -840,8 +851,10 @@ class Trainer:
             if getattr(model.model.object_tokenizer, "position_proj", None) is None:
                 raise ValueError(f"media_stages[{index}]: position_scale needs the position encoding, "
                                  "which this model does not use")
+        if stage.object_time_embedding is not None:
+            self._add_time_embedding(model, index)
         if stage.object_mlp_lr is not None:
-            prefixes += (OBJECT_MLP,)
+            prefixes += (OBJECT_MLP, OBJECT_TIME)
         if stage.projector_lr is not None:
             if model.config.is_lite:
                 raise ValueError(f"media_stages[{index}]: projector_lr trains the image projector, which an "
@@ -868,6 +881,8 @@ class Trainer:
             if stage.position_scale != 1.0:
                 with torch.no_grad():
                     model.model.object_tokenizer.position_proj.weight.mul_(stage.position_scale)
+            if stage.object_time_embedding is not None:
+                model.model.object_tokenizer.time_embedding.start_at_norm(stage.object_time_embedding, seed=cfg.seed)
             records = cache_media(model, self.processor, self.media_stage_samples(index),
                                   progress=acc.is_main_process, objects=stage.object_mlp_lr is not None,
                                   vision=stage.projector_lr is not None)
@@ -880,6 +895,20 @@ class Trainer:
 
         return self._saved_stage(MediaStage.folder(index), "language_model.safetensors", model, fit,
                                  prefixes=prefixes)
+
+    def _add_time_embedding(self, model, index: int) -> None:
+        """Give `model` its object time embedding (zero until the stage starts it), for media stage `index`; the
+        processor's config says so too (it writes the config.json a saved model is loaded from)."""
+        from pixelrefer.modeling.time_embedding import FrameTimeEmbedding
+
+        tokenizer = model.model.object_tokenizer
+        if tokenizer.time_embedding is not None:
+            raise ValueError(f"media_stages[{index}].object_time_embedding switches the object time embedding on, "
+                             "but the model has one already (object_time_embedding in its config)")
+        model.config.object_time_embedding = self.processor.config.object_time_embedding = True
+        device = next(tokenizer.parameters()).device
+        tokenizer.time_embedding = FrameTimeEmbedding(model.config.text_config.hidden_size,
+                                                      model.config.object_time_frames).to(device)
 
     def media_stage_samples(self, index: int = 0) -> Sequence:
         """Frozen-media stage `index`'s records: its own ShapesWorld (generated once into `output_dir`), else

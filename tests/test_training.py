@@ -577,6 +577,9 @@ def test_a_media_stage_can_train_the_projector(tmp_path):
     ({"steps": 2, "mixed_precision": "fp8"}, "mixed_precision must be 'no' or 'bf16'"),
     ({"steps": 2, "object_mlp_lr": 0}, "object_mlp_lr must be a positive number or None"),
     ({"steps": 2, "object_mlp_lr": "1e-3"}, "object_mlp_lr must be a positive number or None"),
+    ({"steps": 2, "object_mlp_lr": 1e-3, "object_time_embedding": 0}, "object_time_embedding is the norm"),
+    ({"steps": 2, "object_mlp_lr": 1e-3, "object_time_embedding": True}, "object_time_embedding is the norm"),
+    ({"steps": 2, "object_time_embedding": 4.0}, "object_time_embedding trains with the object MLP"),
     ({"steps": 2, "projector_lr": -1e-3}, "projector_lr must be a positive number or None"),
     ("steps=2", "must be a dict"),
 ])

@@ -34,7 +34,7 @@ _PACKED_KEYS = {
     "pixel_values", "image_grid_thw", "image_merge_sizes",
     "pixel_values_videos", "video_grid_thw", "video_merge_sizes", "video_compression_mask",
     "region_pixel_values", "region_grid_thw", "region_cell_mask", "region_cell_positions", "region_token_valid",
-    "region_local_pixel_values", "region_global_pixel_values",
+    "region_local_pixel_values", "region_global_pixel_values", "region_frame_index",
 }
 _OFFSET_KEYS = {"region_global_index"}  # indices into region_global_pixel_values' images
 

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from pixelrefer.errors import InputError
 from pixelrefer.modeling.kmeans import batched_kmeans, initial_indices, kmeans_reference
+from pixelrefer.modeling.time_embedding import FrameTimeEmbedding
 
 
 @dataclass
@@ -175,6 +176,7 @@ class ObjectTokenizer(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(vision_dim, llm_dim), nn.GELU(approximate="none"), nn.Linear(llm_dim, llm_dim)
         )
+        self.time_embedding: FrameTimeEmbedding | None = None  # set by the model with object_time_embedding
 
     def encode_positions(self, cell_features: Tensor, cell_positions: Tensor) -> Tensor:
         """(P, C) features + Linear((P, 2) positions), Eq. 5, on every cell."""
@@ -221,9 +223,19 @@ class ObjectTokenizer(nn.Module):
         features, valid, assignments = self.reduce(cells, cell_valid)
         return AggregatedObjects(features, valid, cells, cell_valid, assignments, cell_index)
 
-    def project(self, features: Tensor) -> Tensor:
-        """(N, K, C) -> (N, K, D): the object MLP (not the global image projector)."""
-        return self.mlp(features)
+    def project(self, features: Tensor, frame_index: Tensor | None = None) -> Tensor:
+        """(N, K, C) -> (N, K, D): the object MLP (not the global image projector), plus each unit's frame
+        embedding when the tokenizer has a `time_embedding` ((N,) `frame_index`, -1 for an image unit)."""
+        tokens = self.mlp(features)
+        if self.time_embedding is None:
+            return tokens
+        if frame_index is None:
+            raise ValueError("this model adds a time embedding to its object tokens (object_time_embedding): "
+                             "it needs region_frame_index, which the PixelRefer processor returns")
+        if frame_index.shape != tokens.shape[:1]:
+            raise ValueError(f"region_frame_index has shape {tuple(frame_index.shape)} for {tokens.shape[0]} object "
+                             "units")
+        return tokens + self.time_embedding(frame_index).to(tokens.dtype)[:, None, :]
 
     def forward(
         self,

@@ -33,6 +33,7 @@ from transformers.utils import ModelOutput
 from pixelrefer.config import PixelReferConfig
 from pixelrefer.modeling.infusion import ObjectCentricInfusion
 from pixelrefer.modeling.object_tokenizer import AggregatedObjects, MaskPooling, ObjectTokenizer
+from pixelrefer.modeling.time_embedding import FrameTimeEmbedding
 
 REGION_INPUTS = (
     "region_pixel_values",
@@ -43,6 +44,7 @@ REGION_INPUTS = (
     "region_local_pixel_values",
     "region_global_pixel_values",
     "region_global_index",
+    "region_frame_index",
 )
 
 
@@ -97,6 +99,8 @@ class PixelReferModel(VideoLlama3Model):
                 kmeans_seed=config.kmeans_seed,
                 use_position_encoding=config.use_position_encoding,
             )
+        if config.object_time_embedding:
+            self.object_tokenizer.time_embedding = FrameTimeEmbedding(llm_dim, config.object_time_frames)
         self.infusion = None
         if config.is_lite:
             self.infusion = ObjectCentricInfusion(
@@ -117,6 +121,9 @@ class PixelReferModel(VideoLlama3Model):
         # post_init reaches it.
         if std is not None and module is getattr(getattr(self, "object_tokenizer", None), "position_proj", None):
             init.normal_(module.weight, mean=0.0, std=std)
+        time_embedding = getattr(getattr(self, "object_tokenizer", None), "time_embedding", None)
+        if time_embedding is not None and module is time_embedding.proj:
+            init.zeros_(module.weight)  # switching the embedding on changes nothing until it trains
 
     def encode_vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """Packed crops (P, 3·p·p) with per-crop (1, h, w) grids → (P, C) features, no token merging."""
@@ -134,6 +141,7 @@ class PixelReferModel(VideoLlama3Model):
         region_local_pixel_values: torch.Tensor | None = None,
         region_global_pixel_values: torch.Tensor | None = None,
         region_global_index: torch.Tensor | None = None,
+        region_frame_index: torch.Tensor | None = None,
         **_,
     ) -> ObjectFeatures:
         """All object units of a batch → (N, K, D) tokens, with one vision-encoder call."""
@@ -169,7 +177,7 @@ class PixelReferModel(VideoLlama3Model):
             global_ = features[local_end:].view(num_global, global_side**2, vision_dim)  # (G, L_glob, C)
             infused = self.infusion(object_features, aggregated.valid, local, global_, region_global_index)
             object_features = infused
-        tokens = self.object_tokenizer.project(object_features) * aggregated.valid[..., None]  # (N, K, D)
+        tokens = self.object_tokenizer.project(object_features, region_frame_index) * aggregated.valid[..., None]
         return ObjectFeatures(tokens=tokens, valid=aggregated.valid, aggregated=aggregated, infused=infused)
 
     def scatter_object_tokens(
@@ -263,6 +271,7 @@ class PixelReferForConditionalGeneration(VideoLlama3ForConditionalGeneration):
         region_local_pixel_values: torch.Tensor | None = None,
         region_global_pixel_values: torch.Tensor | None = None,
         region_global_index: torch.LongTensor | None = None,
+        region_frame_index: torch.LongTensor | None = None,
         logits_to_keep: int = 0,
         **kwargs,
     ) -> PixelReferCausalLMOutputWithPast:
@@ -273,6 +282,7 @@ class PixelReferForConditionalGeneration(VideoLlama3ForConditionalGeneration):
         region_cell_mask: (P,) foreground cells; region_cell_positions: (P, 2) Eq. 4 (x, y).
         region_token_valid: (N, K) real tokens per unit, checked against the model's own count.
         region_local_pixel_values / region_global_pixel_values / region_global_index: Lite's OCI views.
+        region_frame_index: (N,) each unit's frame in its clip (-1 for an image), for `object_time_embedding`.
         """
         named = dict(
             position_ids=position_ids,
@@ -292,6 +302,7 @@ class PixelReferForConditionalGeneration(VideoLlama3ForConditionalGeneration):
             region_local_pixel_values=region_local_pixel_values,
             region_global_pixel_values=region_global_pixel_values,
             region_global_index=region_global_index,
+            region_frame_index=region_frame_index,
         )
         kwargs.update({k: v for k, v in named.items() if v is not None})
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
