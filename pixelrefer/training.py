@@ -305,6 +305,16 @@ LAST_LOCATION_STAGE = dict(LOCATION_QA_STAGE,
                            shapesworld=dict(seed=14, num_images=1000, num_videos=600, image_choice=True,
                                             location=True, last_location=True))
 
+# shapes-tiny-lite's time stage: the object time embedding switched on (the paper's timestamp embeddings, started at
+# half the object tokens' mean norm, 21.8) on a new ShapesWorld of 1500 videos (seed 16), video captions and multiple
+# choice ×4, where each track is first and last seen ×2, the object MLP trained beside the LLM. The LLM starts naming
+# the motion in captions; docs/embedded-models.md, "Session 16".
+TIME_STAGE = dict(steps=1000, lr=3e-4, batch_size=32, mixed_precision="bf16", object_mlp_lr=1e-3,
+                  object_time_embedding=10.9,
+                  task_weights=dict(video_caption=4, multiple_choice=4, video_location=2, video_last_location=2),
+                  shapesworld=dict(seed=16, num_images=300, num_videos=1500, image_choice=True, location=True,
+                                   last_location=True))
+
 TRAIN_PRESETS: dict[str, dict] = {
     # The embedded defaults: `pixelrefer train --preset shapes-tiny[-lite]` reproduces them. The tiny model has no
     # pretrained vision encoder, so stage 0 trains it on object categories and colours first (standing in for
@@ -354,6 +364,7 @@ TRAIN_PRESETS["shapes-tiny-lite"] = dict(
         VIDEO_REFIT_STAGE,
         LOCATION_QA_STAGE,
         LAST_LOCATION_STAGE,
+        TIME_STAGE,
     ],
 )
 # What the notebooks' and the ablations' short runs change in that recipe: no LLM stage (2000 steps of 128

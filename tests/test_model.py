@@ -281,7 +281,7 @@ def test_embedded_models_load_offline_and_describe_colours(name, framework):
 
 
 # Shape categories of every object in 20 unseen scenes (seeds 100-119), exact match; measured at release (README):
-# shapes-tiny v15 72/82 (v13 75/82, v11 69/82), shapes-tiny-lite v18 74/82 (v17 76/82, v16 75/82, v14 70/82). The floor leaves
+# shapes-tiny v15 72/82 (v13 75/82, v11 69/82), shapes-tiny-lite v19 76/82 (v18 74/82, v17 76/82, v14 70/82). The floor leaves
 # room for numerics, not for a broken object path: chance is about 10 %, the models before stage 0 got 19 % and the
 # ones before these 43-46/82.
 CATEGORY_FLOORS = {"shapes-tiny": 0.85, "shapes-tiny-lite": 0.85}
@@ -315,7 +315,7 @@ def test_embedded_models_name_shape_categories_of_unseen_objects(name):
 # Where each object of the same 20 unseen scenes is ("in the top left corner", "at the bottom", …: the 3×3 cell
 # of its centroid, as ShapesWorld's location questions write it), exact match. Before the location stage the
 # models named the cell of 12 % (Lite) and 7 % (Vision-Object) of held-out objects in their detailed captions,
-# chance for the nine cells. Measured at release: shapes-tiny-lite v18 71/82 (v17 72/82), shapes-tiny v15 71/82.
+# chance for the nine cells. Measured at release: shapes-tiny-lite v19 73/82 (v18 71/82, v17 72/82), shapes-tiny v15 71/82.
 LOCATION_FLOORS = {"shapes-tiny": 0.75, "shapes-tiny-lite": 0.75}
 
 
@@ -333,12 +333,13 @@ def test_embedded_models_say_where_unseen_objects_are(name):
 
 # Video multiple choice in VideoRefer-Bench-Q's layout (Basic, Sequential, Relationship, Reasoning, Future) on 16
 # unseen videos (seed 321; 79 questions: one video has a single object, so no Relationship question), the option
-# letter parsed as the release does; chance is 25 %. Measured at release: shapes-tiny-lite v18 and v17 35/79, v16 34/79 (Basic
+# letter parsed as the release does; chance is 25 %. Measured at release: shapes-tiny-lite v19 48/79 (Basic 16/16,
+# Sequential 11/16, Relationship 4/15, Reasoning 10/16, Future 7/16), v18 and v17 35/79, v16 34/79 (Basic
 # 14/16), v15 34/79, v14 33/79 (Basic 7/16, Sequential 11/16, Future 6/16; the model before its video stage: 39/79,
 # yet 40.8 against 47.6 % on the 294 held-out questions of the README); shapes-tiny v15 35/79, v13 31/79 (v12, before
 # its video re-fit, 22/79; v11 27/79; before its first video stage 23/79). The floors leave room for numerics, not for
 # a broken path.
-MC_FLOORS = {"shapes-tiny": 0.35, "shapes-tiny-lite": 0.35}
+MC_FLOORS = {"shapes-tiny": 0.35, "shapes-tiny-lite": 0.5}
 
 
 @pytest.fixture(scope="module")
