@@ -6,7 +6,8 @@
 - category: exact match of one single-object category question per object of every test `category`
   record, overall and for small (tiny, small) / large regions;
 - exact_match: per task, the greedy answer to each record's first question against its reference
-  (detailed captions left out: exact match says nothing about a 40-word caption);
+  (detailed captions left out: exact match says nothing about a 40-word caption); with `--short-answers`
+  the one-word answers to the video questions too, per question type;
 - multiple_choice: option-letter accuracy per VideoRefer-Bench-Q type (videos); image_choice: the same on the
   images' lettered colour / shape questions (first question of each record); for both, how often the option
   text after the letter is right, and right under a wrong letter; and, overall and per type, the option
@@ -172,7 +173,7 @@ def main() -> None:
     answer = PixelReferModel(model, processor, max_new_tokens=24)
     hits, choices, answers, captions = defaultdict(list), defaultdict(list), defaultdict(list), ([], [])
     motions, motion_ranked = ([], []), []
-    texts, ranked = defaultdict(list), defaultdict(list)
+    texts, ranked, short_types = defaultdict(list), defaultdict(list), []
     for task in sorted({s.task for s in test} - {"category", "detailed_caption"}):
         samples = [s for s in test if s.task == task]
         for start in range(0, len(samples), args.batch_size):
@@ -180,6 +181,8 @@ def main() -> None:
             asked = [first_question(s) for s in chunk]
             for sample, (query, reference), prediction in zip(chunk, asked, answer([q for q, _ in asked])):
                 hits[task].append(exact_match(prediction, reference))
+                if task == "video_short_answer":  # ids end in the question type: vid_00003-video_short_answer-future
+                    short_types.append((sample.id.rsplit("-", 1)[1].capitalize(), hits[task][-1]))
                 if task in ("multiple_choice", "image_choice"):
                     truth = sample.meta.get("Answer", reference)
                     answers[task].append((prediction, truth))
@@ -204,6 +207,8 @@ def main() -> None:
                         losses = answer.answer_losses(query, variants)
                         motion_ranked.append(losses.index(min(losses)) == 0)
     result["exact_match"] = {task: {"accuracy": sum(v) / len(v), "records": len(v)} for task, v in hits.items()}
+    if short_types:
+        result["exact_match"]["video_short_answer"]["per_type"] = per_type(short_types)
     for task, items in sorted(choices.items()):
         scores = choice_scores(items)
         result[task] = {"accuracy": scores.overall, "per_type": scores.per_type, "questions": scores.count,

@@ -221,6 +221,20 @@ def test_shapesworld_accuracy_reads_a_questions_options_and_groups_flags_by_type
     assert accuracy.per_type(flags) == {"Basic": pytest.approx(2 / 3), "Future": 0.0}
 
 
+def test_shapesworld_accuracy_script_scores_short_answers_per_question_type(tmp_path):
+    done = subprocess.run([sys.executable, "benchmarks/shapesworld_accuracy.py", "--model", "shapes-tiny-lite",
+                           "--data", str(tmp_path), "--num-images", "2", "--num-videos", "40", "--short-answers",
+                           "--tasks", "video_short_answer", "--threads", "1"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)["exact_match"]["video_short_answer"]
+    records = [r for r in json.loads((tmp_path / "test.json").read_text()) if r["task"] == "video_short_answer"]
+    assert report["records"] == len(records) >= 3
+    kinds = {r["id"].rsplit("-", 1)[1].capitalize() for r in records}
+    assert set(report["per_type"]) == kinds and kinds <= {"Relationship", "Reasoning", "Future"}
+    assert all(0 <= a <= 1 for a in report["per_type"].values())
+
+
 def test_motion_readout_script_reports_the_readout_of_an_embedded_model(tmp_path):
     done = subprocess.run([sys.executable, "benchmarks/motion_readout.py", "--model", "shapes-tiny-lite", "--data",
                            str(tmp_path), "--num-images", "2", "--num-videos", "20", "--train-records", "8",

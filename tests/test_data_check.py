@@ -145,5 +145,11 @@ def test_cli_writes_shapesworld_and_shows_usage_without_an_action(tmp_path, caps
     tasks = {record["task"] for split in ("train", "val", "test")
              for record in json.loads((tmp_path / "last" / f"{split}.json").read_text())}
     assert "video_last_location" in tasks and "video_location" not in tasks
+    assert run_cli(["data", "shapesworld", str(tmp_path / "short"), "--images", "1", "--videos", "3",
+                    "--short-answers"]) == 0
+    assert json.loads((tmp_path / "short" / "info.json").read_text())["short_answers"] is True
+    tasks = {record["task"] for split in ("train", "val", "test")
+             for record in json.loads((tmp_path / "short" / f"{split}.json").read_text())}
+    assert "video_short_answer" in tasks and "video_last_location" not in tasks
     assert run_cli(["data", "check", str(tmp_path / "loc" / "train.json")]) == 0
     assert run_cli(["data"]) == 2

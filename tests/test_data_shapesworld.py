@@ -186,6 +186,56 @@ def test_location_is_opt_in_and_leaves_every_other_record_unchanged(world, with_
         assert report.ok, str(report)
 
 
+@pytest.fixture(scope="module")
+def with_short_answers(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapesworld-short")
+    return out, generate_shapesworld(out, seed=0, short_answers=True, num_images=2, num_videos=12)
+
+
+def test_short_answers_ask_the_video_questions_again_answered_by_the_word_only_the_right_option_has(
+        with_short_answers, tokenizer):
+    """One `video_short_answer` record per Relationship, Reasoning and Future question of a video: the same
+    question and masks, no options, the one-word suffix; the answer is a word of the right option that no other
+    option of that question has (Basic and Sequential get none)."""
+    out, paths = with_short_answers
+    assert json.loads((out / "info.json").read_text())["short_answers"] is True
+    records = [r for path in paths.values() for r in json.loads(path.read_text())]
+    choices = {r["id"].replace("-mc-", "-video_short_answer-"): r for r in records if r["task"] == "multiple_choice"}
+    short = [r for r in records if r["task"] == "video_short_answer"]
+    expected = [key for key, r in choices.items() if r["type"] in ("Relationship", "Reasoning", "Future")]
+    assert sorted(r["id"] for r in short) == sorted(expected) and len(short) >= 12
+    words = Counter()
+    for record in short:
+        choice = choices[record["id"]]
+        question, answer = (turn["value"] for turn in record["conversations"])
+        assert question == f"<video>\n{choice['Question']} Using only one word or phrase.", record["id"]
+        assert record["masks"] == [{t: m["segmentation"] for t, m in masks.items()} for masks in choice["annotation"]]
+        assert record["video"] == choice["video"] and record["objects"] == choice["objects"]
+        option_words = {option: set(option.split(") ", 1)[1].split()) for option in choice["options"]}
+        assert answer in option_words[choice["Answer"]], (record["id"], answer, choice["Answer"])
+        assert all(answer not in w for option, w in option_words.items() if option != choice["Answer"]), record["id"]
+        ids = tokenizer(question.replace("<region>", " ").replace("<video>", " ") + " " + answer,
+                        add_special_tokens=False)["input_ids"]
+        assert tokenizer.unk_token_id not in ids, record["id"]
+        words[answer] += 1
+    assert len(words) >= 5, words
+    for path in paths.values():
+        report = check_annotations(path)
+        assert report.ok, str(report)
+    sample = next(s for s in load_annotations(paths["train"]) if s.task == "video_short_answer")
+    assert len(sample.load_media().masks) == len(sample.masks)
+
+
+def test_short_answers_are_opt_in_and_leave_every_other_record_unchanged(with_short_answers, tmp_path):
+    _, paths = with_short_answers
+    plain = generate_shapesworld(tmp_path, seed=0, num_images=2, num_videos=12)
+    for name, path in plain.items():
+        records = json.loads(path.read_text())
+        assert "video_short_answer" not in {r["task"] for r in records}
+        kept = [r for r in json.loads(paths[name].read_text()) if r["task"] != "video_short_answer"]
+        assert kept == records, name
+
+
 def test_tiny_objects_and_parts_are_present(samples):
     areas = [int(mask.sum()) for s in samples if s.task == "category" for mask in s.load_media().masks]
     assert min(areas) < 196, "no object smaller than one 14-px patch"

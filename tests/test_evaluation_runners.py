@@ -362,14 +362,15 @@ def test_benchmark_split_options_name_the_split(tmp_path):
     add_split_arguments(parser)
     defaults = parser.parse_args([])
     assert (defaults.data, defaults.num_images, defaults.num_videos, defaults.image_choice, defaults.location,
-            defaults.last_location) == ("runs/eval-shapesworld", None, None, False, False, False)
+            defaults.last_location, defaults.short_answers) == ("runs/eval-shapesworld", None, None, False, False,
+                                                                False, False)
     args = parser.parse_args(["--data", str(tmp_path), "--num-images", "3", "--num-videos", "2", "--image-choice",
-                              "--location", "--last-location"])
+                              "--location", "--last-location", "--short-answers"])
     test_file = split_from_arguments(args)
     info = json.loads((tmp_path / "info.json").read_text())
     assert test_file == tmp_path / "test.json"
     assert (info["num_images"], info["num_videos"], info["image_choice"], info["location"],
-            info["last_location"]) == (3, 2, True, True, True)
+            info["last_location"], info["short_answers"]) == (3, 2, True, True, True, True)
     assert "location" in {record["task"] for record in json.loads(test_file.read_text())}
     assert "video_last_location" in {record["task"] for split in ("train", "val", "test")
                                      for record in json.loads((tmp_path / f"{split}.json").read_text())}

@@ -129,6 +129,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                        help="add where-is questions on every image and video (answers: the 3x3 cell of each object)")
     world.add_argument("--last-location", action="store_true",
                        help="add where-is-it-last-seen questions on every video (the 3x3 cell of each object)")
+    world.add_argument("--short-answers", action="store_true",
+                       help="add the Relationship, Reasoning and Future questions of every video without options, "
+                            "answered in one word")
     world.set_defaults(handler=run_shapesworld)
     data.set_defaults(handler=lambda args: _usage(data))
 
@@ -149,6 +152,7 @@ def run_shapesworld(args: argparse.Namespace) -> int:
     sizes = {k: v for k, v in (("num_images", args.images), ("num_videos", args.videos)) if v is not None}
     for split, path in generate_shapesworld(args.out, seed=args.seed, image_choice=args.image_choice,
                                             location=args.location, last_location=args.last_location,
+                                            short_answers=args.short_answers,
                                             **sizes).items():
         print(f"{split}: {path}")
     return 0

@@ -15,8 +15,10 @@ Notable:
   `image_choice=True` each image also gets lettered colour / shape questions
   in that layout (as conversation turns), with `location=True` each image
   and video a record of where its objects are (on a video's first frame), and
-  with `last_location=True` each video a record of where they are last seen;
-  the other records stay the same.
+  with `last_location=True` each video a record of where they are last seen,
+  and with `short_answers=True` its Relationship, Reasoning and Future
+  questions again without options, answered in one word; the other records
+  stay the same.
 - Splits: a seeded permutation, images and videos split separately (largest
   remainder), so every split with a non-zero fraction gets both.
 - `shapesworld_vocabulary()` lists every word the generator and the chat
@@ -62,6 +64,7 @@ def generate_shapesworld(
     image_choice: bool = False,
     location: bool = False,
     last_location: bool = False,
+    short_answers: bool = False,
 ) -> dict[str, Path]:
     """Write ShapesWorld to `out_dir`; return the annotation file of each split.
 
@@ -80,6 +83,9 @@ def generate_shapesworld(
             video (where each object is when first seen); every other record stays the same.
         last_location: add a `video_last_location` record per video (where each object is when last seen,
             by the same cells); every other record stays the same.
+        short_answers: add a `video_short_answer` record per Relationship, Reasoning and Future question (the
+            question without options, "Using only one word or phrase.", answered with the word only the right
+            option has: "left", "higher", "<object0>", "neither"…); every other record stays the same.
     """
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     _validate(num_images, num_videos, splits, height, width, num_frames, fps)
@@ -93,14 +99,14 @@ def generate_shapesworld(
     for i in range(num_videos):
         rng = np.random.default_rng([seed, _VIDEO, i])
         records[video_split[i]] += _write_video(out, i, rng, height, width, num_frames, fps, location,
-                                              last_location)
+                                              last_location, short_answers)
     paths = {}
     for name in SPLITS:
         paths[name] = out / f"{name}.json"
         atomic_write(paths[name], _json_lines(records[name]).encode("utf-8"))
     info = dict(name="ShapesWorld", version=VERSION, seed=seed, num_images=num_images, num_videos=num_videos,
                 height=height, width=width, num_frames=num_frames, fps=fps, image_choice=image_choice,
-                location=location, last_location=last_location,
+                location=location, last_location=last_location, short_answers=short_answers,
                 splits={name: dict(images=image_split.count(name), videos=video_split.count(name),
                                    records=len(records[name])) for name in SPLITS})
     atomic_write(out / "info.json", (json.dumps(info, indent=1) + "\n").encode("utf-8"))
@@ -190,7 +196,8 @@ def _write_image(out: Path, i: int, rng: np.random.Generator, height: int, width
 
 
 def _write_video(out: Path, i: int, rng: np.random.Generator, height: int, width: int, frames: int,
-                 fps: float, location: bool = False, last_location: bool = False) -> list[dict]:
+                 fps: float, location: bool = False, last_location: bool = False,
+                 short_answers: bool = False) -> list[dict]:
     video = sample_video(rng, height, width, frames, fps)
     name = f"vid_{i:05d}"
     paths = [f"videos/{name}/frame_{t:02d}.png" for t in range(frames)]
@@ -198,10 +205,11 @@ def _write_video(out: Path, i: int, rng: np.random.Generator, height: int, width
         atomic_write(out / path, _png(frame))
     media = {"video": paths, "timestamps": video.timestamps, "height": height, "width": width}
     records = []
-    for record in tasks.video_tasks(video, rng, location, last_location):
+    for record in tasks.video_tasks(video, rng, location, last_location, short_answers):
         per_frame = [{str(t): mask_to_rle(m) for t, m in sorted(masks.items())} for masks in record.masks]
         if record.question is None:
-            records.append({"id": f"{name}-{record.task}", "task": record.task, **media,
+            suffix = f"{record.task}-{record.name}" if record.name else record.task
+            records.append({"id": f"{name}-{suffix}", "task": record.task, **media,
                             "conversations": _conversation(record.conversation, "<video>\n"),
                             "masks": per_frame, "objects": record.objects})
         else:

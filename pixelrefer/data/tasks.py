@@ -58,6 +58,7 @@ FUTURE_Q = "If <object0><region> keeps moving the same way, where will it be aft
 LOCATION_Q = "Where is <region> in the image?"
 VIDEO_LOCATION_Q = "Where is <object{k}><region> when it is first seen?"
 VIDEO_LAST_LOCATION_Q = "Where is <object{k}><region> when it is last seen?"
+SHORT_ANSWER_SUFFIX = "Using only one word or phrase."
 
 RELATIONS = {"left": "to the left of", "right": "to the right of", "up": "above", "down": "below"}
 DIRECTIONS = {"left": "to its left", "right": "to its right", "up": "above it", "down": "below it"}
@@ -72,6 +73,16 @@ COUNT_ATTRIBUTES = ("colour", "category")
 ARTICLES = ("a", "an")
 LIST_JOINERS = (",", "and")
 SPEED_OPTIONS = ("<object0>", "<object1>", "both move at the same speed", "neither of them moves")
+# The one word a short answer gives for each option text of these question types: the word of that option no
+# other option has, so a model that answers it has decided which option is right at the answer's first token.
+SHORT_ANSWER_WORDS = {
+    **{f"{RELATIONS[side]} <object1>": word
+       for side, word in (("left", "left"), ("right", "right"), ("up", "above"), ("down", "below"))},
+    **{FUTURE_PHRASES[motion]: word
+       for motion, word in (("left", "left"), ("right", "right"), ("up", "higher"), ("down", "lower"),
+                            ("still", "same"))},
+    **dict(zip(SPEED_OPTIONS, ("<object0>", "<object1>", "both", "neither"))),
+}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 ROWS, COLUMNS = ("top", "middle", "bottom"), ("left", "center", "right")
 POSITIONS = {"corner": "in the {row} {column} corner", "row": "at the {row}", "column": "on the {column}",
@@ -93,6 +104,7 @@ class TaskRecord:
     objects: list[dict]
     conversation: list[tuple[str, str]] = field(default_factory=list)
     question: dict | None = None
+    name: str | None = None  # the record id's suffix when a video has several records of this task
 
 
 # ----------------------------------------------------------------------------- words
@@ -382,18 +394,33 @@ def video_last_location_task(video: VideoScene) -> TaskRecord:
     return _located(video, "video_last_location", VIDEO_LAST_LOCATION_Q, max)
 
 
+def short_answer_task(choice: TaskRecord) -> TaskRecord | None:
+    """A multiple-choice question asked without its options and answered in one word (`SHORT_ANSWER_WORDS`:
+    "left", "higher", "<object0>", "neither"…), for the types whose answer is a relation, a future place or a
+    speed comparison; None for the others. Same masks and objects as the question; draws nothing."""
+    question = choice.question
+    text = question["Answer"].split(") ", 1)[1]
+    if text not in SHORT_ANSWER_WORDS:
+        return None
+    turns = [("human", f"{question['Question']} {SHORT_ANSWER_SUFFIX}"), ("gpt", SHORT_ANSWER_WORDS[text])]
+    return TaskRecord("video_short_answer", choice.masks, choice.objects, turns, name=question["type"].lower())
+
+
 MULTIPLE_CHOICE = (basic_question, sequential_question, relationship_question, reasoning_question, future_question)
 
 
 def video_tasks(video: VideoScene, rng: np.random.Generator, location: bool = False,
-                last_location: bool = False) -> list[TaskRecord]:
+                last_location: bool = False, short_answers: bool = False) -> list[TaskRecord]:
     """The motion caption, every multiple-choice type that has an unambiguous question on this video, with
-    `location` where each track is first seen and with `last_location` where it is last seen (last, drawing
-    nothing, so the other records stay the same)."""
+    `location` where each track is first seen, with `last_location` where it is last seen and with
+    `short_answers` the Relationship, Reasoning and Future questions again without options, answered in one
+    word (last, drawing nothing, so the other records stay the same)."""
     records = [video_caption_task(video)]
-    records += [record for make in MULTIPLE_CHOICE if (record := make(video, rng)) is not None]
+    choices = [record for make in MULTIPLE_CHOICE if (record := make(video, rng)) is not None]
+    records += choices
     records += [video_location_task(video)] if location else []
     records += [video_last_location_task(video)] if last_location else []
+    records += [record for choice in choices if (record := short_answer_task(choice))] if short_answers else []
     return records
 
 
@@ -403,7 +430,7 @@ TEMPLATES = (
     SAME_COLOUR_NO, COUNT_Q, PART_NAME_Q, PART_COLOUR_Q, DETAIL_LOOK, DETAIL_PARTS, DETAIL_HIDDEN, DETAIL_NEAREST,
     DETAIL_COUNT, VIDEO_CAPTION_Q, VIDEO_CAPTION_A, BASIC_COLOUR_Q, BASIC_SHAPE_Q, CHOICE_COLOUR_Q,
     CHOICE_SHAPE_Q, SEQUENTIAL_Q, RELATIONSHIP_Q, REASONING_Q, FUTURE_Q, LOCATION_Q, VIDEO_LOCATION_Q,
-    VIDEO_LAST_LOCATION_Q,
+    VIDEO_LAST_LOCATION_Q, SHORT_ANSWER_SUFFIX, *SHORT_ANSWER_WORDS.values(),
     *RELATIONS.values(), *DIRECTIONS.values(),
     *MOTION_PHRASES.values(), *EVENT_PHRASES.values(), *FUTURE_PHRASES.values(), *SPEED_OPTIONS, *NUMBER_WORDS,
     *ROWS, *COLUMNS,

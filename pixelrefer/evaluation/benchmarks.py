@@ -54,7 +54,7 @@ TASK_METRICS = {
     "category": "category", "part": "category",
     "short_caption": "caption", "detailed_caption": "caption", "video_caption": "caption",
     "relation": "exact", "comparison": "exact", "counting": "exact", "location": "exact", "video_location": "exact",
-    "video_last_location": "exact",
+    "video_last_location": "exact", "video_short_answer": "exact",
     "multiple_choice": "choice", "image_choice": "choice", "video_description": "description",
 }
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")

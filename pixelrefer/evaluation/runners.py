@@ -220,7 +220,8 @@ def _finite(value):
 
 def shapesworld_test_split(folder: str | Path, *, seed: int | None = None, num_images: int | None = None,
                            num_videos: int | None = None, image_choice: bool | None = None,
-                           location: bool | None = None, last_location: bool | None = None) -> Path:
+                           location: bool | None = None, last_location: bool | None = None,
+                           short_answers: bool | None = None) -> Path:
     """The ShapesWorld test split in `folder`, generated unless a split of the same parameters is there.
 
     Parameters left as None are those the shipped `shapes-tiny` models were trained with
@@ -232,7 +233,7 @@ def shapesworld_test_split(folder: str | Path, *, seed: int | None = None, num_i
     folder = Path(folder)
     info = folder / "info.json"
     given = dict(seed=seed, num_images=num_images, num_videos=num_videos, image_choice=image_choice,
-                 location=location, last_location=last_location)
+                 location=location, last_location=last_location, short_answers=short_answers)
     wanted = dict(TRAIN_PRESETS["shapes-tiny"]["shapesworld"], **{k: v for k, v in given.items() if v is not None})
     if info.exists() and (folder / "test.json").exists():
         existing = json.loads(info.read_text())
@@ -253,13 +254,16 @@ def add_split_arguments(parser) -> None:
                         help="a split with location questions (where each object is; the other records unchanged)")
     parser.add_argument("--last-location", action="store_true",
                         help="a split with where each video object is last seen (the other records unchanged)")
+    parser.add_argument("--short-answers", action="store_true",
+                        help="a split with one-word answers to the video questions (the other records unchanged)")
 
 
 def split_from_arguments(args) -> Path:
     """The test split `add_split_arguments`' options name (generated if missing, see `shapesworld_test_split`)."""
     return shapesworld_test_split(args.data, num_images=args.num_images, num_videos=args.num_videos,
                                   image_choice=args.image_choice or None, location=args.location or None,
-                                  last_location=args.last_location or None)
+                                  last_location=args.last_location or None,
+                                  short_answers=args.short_answers or None)
 
 
 def probe_parser(description: str, *, model: str, train_records: int):
