@@ -176,6 +176,8 @@ class MediaStage:
     `object_time_embedding` switches the model's object time embedding on at this stage
     (`PixelReferConfig.object_time_embedding`, the paper's timestamp embeddings) before the tokens are cached, its
     vectors starting at that mean norm (seeded by `seed`); it trains with the object MLP, so it needs `object_mlp_lr`.
+    `language_layers` appends that many decoder layers to the LLM at this stage, each starting as the identity
+    (`pixelrefer.modeling.depth.add_language_layers`, seeded by `seed`), trained with the LLM.
     """
 
     steps: int
@@ -192,6 +194,7 @@ class MediaStage:
     vision_batch_size: int = 16
     vision_shapesworld: dict | None = None
     object_time_embedding: float | None = None
+    language_layers: int = 0
 
     @classmethod
     def parse(cls, spec: dict, index: int) -> "MediaStage":
@@ -212,10 +215,11 @@ class MediaStage:
             value = getattr(stage, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
                 raise ValueError(f"{where}: {name} must be a positive number or None, got {value!r}")
-        for name in ("vision_steps", "vision_batch_size"):
+        for name in ("vision_steps", "vision_batch_size", "language_layers"):
             value = getattr(stage, name)
-            if not isinstance(value, int) or value < (0 if name == "vision_steps" else 1):
-                raise ValueError(f"{where}: {name} must be a {'non-negative' if name == 'vision_steps' else 'positive'} "
+            least = 1 if name == "vision_batch_size" else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{where}: {name} must be a {'positive' if least else 'non-negative'} "
                                  f"integer, got {value!r}")
         if not (isinstance(stage.vision_lr, (int, float)) and stage.vision_lr > 0):
             raise ValueError(f"{where}: vision_lr must be a positive number, got {stage.vision_lr!r}")
@@ -864,6 +868,8 @@ class Trainer:
                                  "which this model does not use")
         if stage.object_time_embedding is not None:
             self._add_time_embedding(model, index)
+        if stage.language_layers:
+            self._add_language_layers(model, stage.language_layers)
         if stage.object_mlp_lr is not None:
             prefixes += (OBJECT_MLP, OBJECT_TIME)
         if stage.projector_lr is not None:
@@ -906,6 +912,17 @@ class Trainer:
 
         return self._saved_stage(MediaStage.folder(index), "language_model.safetensors", model, fit,
                                  prefixes=prefixes)
+
+    def _add_language_layers(self, model, count: int) -> None:
+        """Append `count` identity-start decoder layers to `model`'s LLM; the processor's config says so too (it
+        writes the config.json a saved model is loaded from)."""
+        from pixelrefer.modeling.depth import add_language_layers
+
+        add_language_layers(model, count, seed=self.config.seed)
+        text, saved = model.config.text_config, self.processor.config.text_config
+        saved.num_hidden_layers = text.num_hidden_layers
+        if getattr(text, "layer_types", None) is not None:
+            saved.layer_types = list(text.layer_types)
 
     def _add_time_embedding(self, model, index: int) -> None:
         """Give `model` its object time embedding (zero until the stage starts it), for media stage `index`; the

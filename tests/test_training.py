@@ -651,6 +651,8 @@ def test_a_media_stage_can_continue_stage0_first_and_saves_the_encoder(tmp_path)
 @pytest.mark.parametrize("spec, message", [
     (dict(steps=1, vision_steps=-1), "vision_steps must be a non-negative integer"),
     (dict(steps=1, vision_batch_size=0), "vision_batch_size must be a positive integer"),
+    (dict(steps=1, language_layers=-1), "language_layers must be a non-negative integer"),
+    (dict(steps=1, language_layers=True), "language_layers must be a non-negative integer"),
     (dict(steps=1, vision_lr=0), "vision_lr must be a positive number"),
 ])
 def test_bad_vision_fields_of_a_media_stage_are_named(spec, message):
