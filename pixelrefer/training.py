@@ -319,6 +319,16 @@ TIME_STAGE = dict(steps=1000, lr=3e-4, batch_size=32, mixed_precision="bf16", ob
                   shapesworld=dict(seed=16, num_images=300, num_videos=1500, image_choice=True, location=True,
                                    last_location=True))
 
+# shapes-tiny-lite's short-answer stage: the Relationship, Reasoning and Future questions asked again without options
+# and answered in one word (seed 17, `short_answers=True`: "left", "higher", "<object1>", "neither"…) ×4 beside the
+# lettered ones ×4, so the LLM decides the answer at its first token, where a letter has to be picked; captions and
+# location questions ×2 keep the rest. docs/embedded-models.md, "Session 17".
+SHORT_ANSWER_STAGE = dict(steps=1000, lr=3e-4, batch_size=32, mixed_precision="bf16", object_mlp_lr=1e-3,
+                          task_weights=dict(video_short_answer=4, multiple_choice=4, video_caption=2, location=2,
+                                            video_location=2, video_last_location=2),
+                          shapesworld=dict(seed=17, num_images=300, num_videos=1500, image_choice=True,
+                                           location=True, last_location=True, short_answers=True))
+
 TRAIN_PRESETS: dict[str, dict] = {
     # The embedded defaults: `pixelrefer train --preset shapes-tiny[-lite]` reproduces them. The tiny model has no
     # pretrained vision encoder, so stage 0 trains it on object categories and colours first (standing in for
@@ -369,6 +379,7 @@ TRAIN_PRESETS["shapes-tiny-lite"] = dict(
         LOCATION_QA_STAGE,
         LAST_LOCATION_STAGE,
         TIME_STAGE,
+        SHORT_ANSWER_STAGE,
     ],
 )
 # What the notebooks' and the ablations' short runs change in that recipe: no LLM stage (2000 steps of 128
