@@ -8,21 +8,7 @@ from safetensors.torch import load_file
 
 from pixelrefer.modeling.depth import add_language_layers
 from tests.conftest import FRAMEWORKS, build
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    from pixelrefer.data import generate_shapesworld, load_annotations
-
-    root = tmp_path_factory.mktemp("sw-depth")
-    paths = generate_shapesworld(root, seed=5, num_images=2, num_videos=1)
-    records = load_annotations(paths["train"], root)
-    return [r for r in records if r.is_video][:2] + [r for r in records if not r.is_video][:2]
-
-
-def batch_of(processor, samples):
-    text, images, videos, masks = (list(column) for column in zip(*(s.load_media() for s in samples)))
-    return processor(text=text, images=images, videos=videos, masks=masks)
+from tests.test_time_embedding import batch_of, shapes  # noqa: F401 (a fixture)
 
 
 def trained_a_little(model):
