@@ -12,7 +12,9 @@
   images' lettered colour / shape questions (first question of each record); for both, how often the option
   text after the letter is right, and right under a wrong letter; and, overall and per type, the option
   text right and `option_ranking`: the option whose whole answer ("(B) red") has the lowest loss, what the
-  model knows whatever letter it writes first (`--no-ranking` skips it: one forward pass per option);
+  model knows whatever letter it writes first (`--no-ranking` skips it: one forward pass per option;
+  `--option-first` ranks them as a model trained on ShapesWorld's `option_first` answers writes them,
+  "red (B)"); the letter is read from anywhere in the answer (`evaluation.choice`), so either order scores;
 - short_caption_metrics: BLEU / ROUGE-L / CIDEr of the short captions (METEOR off: Java start-up);
   short_caption_words: how often a short caption names its object's colour and its category (the one colour /
   category word of the reference, and no other one);
@@ -42,7 +44,7 @@ from pixelrefer.data.scenes import COLOURS, EVENTS, MOTIONS
 from pixelrefer.data.tasks import MOTION_PHRASES, SHAPE_NAMES
 from pixelrefer.evaluation.captions import caption_scores
 from pixelrefer.evaluation.category import exact_match
-from pixelrefer.evaluation.choice import choice_scores, score_item
+from pixelrefer.evaluation.choice import choice_scores, predicted_letter, reference_letter, score_item
 from pixelrefer.evaluation.models import PixelReferModel
 from pixelrefer.evaluation.runners import add_split_arguments, split_from_arguments
 
@@ -99,18 +101,32 @@ def motion_variants(caption: str) -> list[str]:
 
 
 def option_text(answer: str) -> str:
-    """An answer without its leading option letter: "(B) it moves left" -> "it moves left"."""
-    answer = answer.strip()
-    if len(answer) >= 3 and answer[0] == "(" and answer[2] == ")":
-        answer = answer[3:]
-    return " ".join(answer.split())
+    """An answer without its option letter, first or last: "(B) it moves left" and "it moves left (B)" ->
+    "it moves left"."""
+    return " ".join(re.sub(r"^\s*\([A-Z]\)|\([A-Z]\)\s*$", "", answer).split())
+
+
+def option_first(option: str) -> str:
+    """A lettered option as an `option_first` answer writes it: "(B) red" -> "red (B)"."""
+    letter, text = option.split(" ", 1)
+    return f"{text} {letter}"
+
+
+def ranked_option(answer, query: SampleInputs, first: bool = False) -> str | None:
+    """The option of `query` ("(B) red") whose whole answer has the lowest loss under `answer` (a
+    `PixelReferModel`), written "(B) red", or "red (B)" with `first`; None if the question has no options."""
+    options = question_options(query)
+    if not options:
+        return None
+    losses = answer.answer_losses(query, [option_first(o) for o in options] if first else options)
+    return options[losses.index(min(losses))]
 
 
 def split_choice(predictions: list[str], references: list[str]) -> dict[str, float]:
     """How lettered answers fail: the option text right (whatever the letter), and right text under a wrong
     letter, the sign that a model knows the answer but not which letter stands for it."""
     text = [option_text(p) == option_text(r) for p, r in zip(predictions, references, strict=True)]
-    letter = [p.strip()[:3] == r.strip()[:3] for p, r in zip(predictions, references, strict=True)]
+    letter = [predicted_letter(p) == reference_letter(r) for p, r in zip(predictions, references, strict=True)]
     count = max(len(text), 1)
     return {"option_text_right": sum(text) / count,
             "text_right_letter_wrong": sum(t and not k for t, k in zip(text, letter)) / count}
@@ -160,6 +176,8 @@ def main() -> None:
     parser.add_argument("--tasks", help="comma-separated tasks to score (default: all), e.g. multiple_choice,category")
     parser.add_argument("--limit", type=int, default=None, help="score at most this many records per task")
     parser.add_argument("--no-ranking", action="store_true", help="skip option_ranking (a forward pass per option)")
+    parser.add_argument("--option-first", action="store_true",
+                        help="rank the options written option first, 'red (B)', as an option_first model answers")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -191,10 +209,9 @@ def main() -> None:
                                                     options=sample.meta.get("options")))
                     texts[task].append((kind, option_text(prediction) == option_text(reference)))
                     if not args.no_ranking:
-                        options = question_options(query)
-                        losses = answer.answer_losses(query, options)
-                        best = options[losses.index(min(losses))] if options else ""
-                        ranked[task].append((kind, best == " ".join(reference.split())))
+                        best = ranked_option(answer, query, args.option_first)
+                        ranked[task].append((kind, best is not None
+                                             and reference_letter(best) == reference_letter(reference)))
                 elif task == "short_caption":
                     captions[0].append(prediction)
                     captions[1].append(reference)

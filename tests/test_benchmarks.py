@@ -206,6 +206,13 @@ def test_shapesworld_accuracy_separates_option_text_from_letter():
                                                               "text_right_letter_wrong": 0.25}
     with pytest.raises(ValueError):
         accuracy.split_choice(predictions[:1], references)
+    # option-first answers ("green (B)", ShapesWorld's option_first): the letter is read wherever it is
+    assert accuracy.option_text("it moves left (B)") == "it moves left"
+    assert accuracy.option_first("(B) it moves left") == "it moves left (B)"
+    later = ["green (B)", "green (A)", "red (C)", "(D) blue"]
+    assert accuracy.split_choice(later, references) == accuracy.split_choice(predictions, references)
+    assert accuracy.split_choice(["(B) green"], ["green (B)"]) == {"option_text_right": 1.0,
+                                                                  "text_right_letter_wrong": 0.0}
 
 
 def test_shapesworld_accuracy_reads_a_questions_options_and_groups_flags_by_type():
@@ -217,6 +224,18 @@ def test_shapesworld_accuracy_reads_a_questions_options_and_groups_flags_by_type
     query = SampleInputs([{"role": "user", "content": "What is <region>?"}, {"role": "assistant", "content": "a"},
                           {"role": "user", "content": bench_q_prompt("Which one (A) is it?", options)}], None, None, [])
     assert accuracy.question_options(query) == options
+    loss = {"(A) red": 1.0, "(B) blue": 2.0, "red (A)": 3.0, "blue (B)": 0.5}
+
+    class Scorer:
+        def answer_losses(self, asked, answers):
+            assert asked is query
+            return [loss[a] for a in answers]
+
+    query = SampleInputs([{"role": "user", "content": bench_q_prompt("Which?", ["(A) red", "(B) blue"])}], None, None, [])
+    assert accuracy.ranked_option(Scorer(), query) == "(A) red"
+    assert accuracy.ranked_option(Scorer(), query, first=True) == "(B) blue"
+    no_options = SampleInputs([{"role": "user", "content": "Which?"}], None, None, [])
+    assert accuracy.ranked_option(Scorer(), no_options) is None
     flags = [("Basic", True), ("Future", False), ("Basic", False), ("Basic", True)]
     assert accuracy.per_type(flags) == {"Basic": pytest.approx(2 / 3), "Future": 0.0}
 

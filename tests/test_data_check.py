@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import re
 
 import numpy as np
 import pytest
@@ -148,6 +149,11 @@ def test_cli_writes_shapesworld_and_shows_usage_without_an_action(tmp_path, caps
     assert run_cli(["data", "shapesworld", str(tmp_path / "short"), "--images", "1", "--videos", "3",
                     "--short-answers"]) == 0
     assert json.loads((tmp_path / "short" / "info.json").read_text())["short_answers"] is True
+    assert run_cli(["data", "shapesworld", str(tmp_path / "first"), "--images", "1", "--videos", "2",
+                    "--option-first"]) == 0
+    answers = [record["Answer"] for split in ("train", "val", "test")
+               for record in json.loads((tmp_path / "first" / f"{split}.json").read_text()) if "Answer" in record]
+    assert answers and all(re.fullmatch(r"[^()]+ \([A-D]\)", answer) for answer in answers), answers
     tasks = {record["task"] for split in ("train", "val", "test")
              for record in json.loads((tmp_path / "short" / f"{split}.json").read_text())}
     assert "video_short_answer" in tasks and "video_last_location" not in tasks

@@ -236,6 +236,45 @@ def test_short_answers_are_opt_in_and_leave_every_other_record_unchanged(with_sh
         assert kept == records, name
 
 
+def test_option_first_names_the_option_then_its_letter_and_changes_nothing_else(tmp_path):
+    """`option_first=True`: every lettered answer (video multiple choice, the images' lettered questions) is
+    "<option text> (X)" for the option "(X) <option text>" the letter-first answer names; questions, options,
+    masks, the one-word answers and every other record are those of the same seed without it."""
+    from pixelrefer.evaluation.choice import predicted_letter, reference_letter
+
+    kwargs = dict(seed=0, num_images=4, num_videos=10, image_choice=True, short_answers=True)
+    plain = generate_shapesworld(tmp_path / "plain", **kwargs)
+    first = generate_shapesworld(tmp_path / "first", option_first=True, **kwargs)
+    assert json.loads((tmp_path / "first" / "info.json").read_text())["option_first"] is True
+    changed = Counter()
+    for name, path in plain.items():
+        before, after = json.loads(path.read_text()), json.loads(first[name].read_text())
+        assert [r["id"] for r in after] == [r["id"] for r in before], name
+        for old, new in zip(before, after):
+            if old["task"] == "multiple_choice":
+                letter, text = old["Answer"].split(" ", 1)
+                assert new["Answer"] == f"{text} {letter}" and new["Answer"] != old["Answer"], new["id"]
+                assert f"{letter} {text}" in new["options"], new["id"]
+                assert reference_letter(new["Answer"]) == predicted_letter(new["Answer"]) == letter[1], new["id"]
+                assert dict(new, Answer=old["Answer"]) == old, new["id"]
+                changed[old["type"]] += 1
+            elif old["task"] == "image_choice":
+                for turn_old, turn_new in zip(old["conversations"], new["conversations"], strict=True):
+                    if turn_old["from"] == "gpt":
+                        letter, text = turn_old["value"].split(" ", 1)
+                        assert turn_new["value"] == f"{text} {letter}", new["id"]
+                        assert f"\n{letter} {text}\n" in previous, new["id"]
+                        changed["image_choice"] += 1
+                    else:
+                        assert turn_new == turn_old, new["id"]
+                    previous = turn_old["value"]
+                assert dict(new, conversations=old["conversations"]) == old, new["id"]
+            else:
+                assert new == old, new["id"]
+        assert check_annotations(first[name]).ok, name
+    assert set(changed) == BENCH_Q_TYPES | {"image_choice"}, changed
+
+
 def test_tiny_objects_and_parts_are_present(samples):
     areas = [int(mask.sum()) for s in samples if s.task == "category" for mask in s.load_media().masks]
     assert min(areas) < 196, "no object smaller than one 14-px patch"

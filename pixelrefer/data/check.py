@@ -132,6 +132,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     world.add_argument("--short-answers", action="store_true",
                        help="add the Relationship, Reasoning and Future questions of every video without options, "
                             "answered in one word")
+    world.add_argument("--option-first", action="store_true",
+                       help="write lettered answers option first: 'left of <object1> (B)' instead of '(B) left of ...'")
     world.set_defaults(handler=run_shapesworld)
     data.set_defaults(handler=lambda args: _usage(data))
 
@@ -152,7 +154,7 @@ def run_shapesworld(args: argparse.Namespace) -> int:
     sizes = {k: v for k, v in (("num_images", args.images), ("num_videos", args.videos)) if v is not None}
     for split, path in generate_shapesworld(args.out, seed=args.seed, image_choice=args.image_choice,
                                             location=args.location, last_location=args.last_location,
-                                            short_answers=args.short_answers,
+                                            short_answers=args.short_answers, option_first=args.option_first,
                                             **sizes).items():
         print(f"{split}: {path}")
     return 0

@@ -17,8 +17,9 @@ Notable:
   and video a record of where its objects are (on a video's first frame), and
   with `last_location=True` each video a record of where they are last seen,
   and with `short_answers=True` its Relationship, Reasoning and Future
-  questions again without options, answered in one word; the other records
-  stay the same.
+  questions again without options, answered in one word; with
+  `option_first=True` lettered answers name the option before its letter
+  ("left of <object1> (B)"); the other records stay the same.
 - Splits: a seeded permutation, images and videos split separately (largest
   remainder), so every split with a non-zero fraction gets both.
 - `shapesworld_vocabulary()` lists every word the generator and the chat
@@ -65,6 +66,7 @@ def generate_shapesworld(
     location: bool = False,
     last_location: bool = False,
     short_answers: bool = False,
+    option_first: bool = False,
 ) -> dict[str, Path]:
     """Write ShapesWorld to `out_dir`; return the annotation file of each split.
 
@@ -86,6 +88,9 @@ def generate_shapesworld(
         short_answers: add a `video_short_answer` record per Relationship, Reasoning and Future question (the
             question without options, "Using only one word or phrase.", answered with the word only the right
             option has: "left", "higher", "<object0>", "neither"…); every other record stays the same.
+        option_first: lettered answers (video multiple choice, `image_choice`) name the option before its
+            letter, "left of <object1> (B)" instead of "(B) left of <object1>"; the questions, and every other
+            record, stay the same.
     """
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     _validate(num_images, num_videos, splits, height, width, num_frames, fps)
@@ -95,11 +100,11 @@ def generate_shapesworld(
     video_split = _assign(num_videos, splits, np.random.default_rng([seed, _SPLIT, _VIDEO]))
     for i in range(num_images):
         rng = np.random.default_rng([seed, _IMAGE, i])
-        records[image_split[i]] += _write_image(out, i, rng, height, width, image_choice, location)
+        records[image_split[i]] += _write_image(out, i, rng, height, width, image_choice, location, option_first)
     for i in range(num_videos):
         rng = np.random.default_rng([seed, _VIDEO, i])
         records[video_split[i]] += _write_video(out, i, rng, height, width, num_frames, fps, location,
-                                              last_location, short_answers)
+                                              last_location, short_answers, option_first)
     paths = {}
     for name in SPLITS:
         paths[name] = out / f"{name}.json"
@@ -107,7 +112,7 @@ def generate_shapesworld(
     info = dict(name="ShapesWorld", version=VERSION, seed=seed, num_images=num_images, num_videos=num_videos,
                 height=height, width=width, num_frames=num_frames, fps=fps, image_choice=image_choice,
                 location=location, last_location=last_location, short_answers=short_answers,
-                splits={name: dict(images=image_split.count(name), videos=video_split.count(name),
+                option_first=option_first, splits={name: dict(images=image_split.count(name), videos=video_split.count(name),
                                    records=len(records[name])) for name in SPLITS})
     atomic_write(out / "info.json", (json.dumps(info, indent=1) + "\n").encode("utf-8"))
     return paths
@@ -182,7 +187,7 @@ def _conversation(turns: list[tuple[str, str]], media_tag: str) -> list[dict]:
 
 
 def _write_image(out: Path, i: int, rng: np.random.Generator, height: int, width: int,
-                 image_choice: bool, location: bool = False) -> list[dict]:
+                 image_choice: bool, location: bool = False, option_first: bool = False) -> list[dict]:
     scene = sample_scene(rng, height, width)
     name = f"img_{i:05d}"
     relative = f"images/{name}.png"
@@ -191,13 +196,13 @@ def _write_image(out: Path, i: int, rng: np.random.Generator, height: int, width
         {"id": f"{name}-{record.task}", "task": record.task, "image": relative, "height": height, "width": width,
          "conversations": _conversation(record.conversation, "<image>\n"),
          "masks": [mask_to_rle(m) for m in record.masks], "objects": record.objects}
-        for record in tasks.image_tasks(scene, rng, image_choice, location)
+        for record in tasks.image_tasks(scene, rng, image_choice, location, option_first)
     ]
 
 
 def _write_video(out: Path, i: int, rng: np.random.Generator, height: int, width: int, frames: int,
                  fps: float, location: bool = False, last_location: bool = False,
-                 short_answers: bool = False) -> list[dict]:
+                 short_answers: bool = False, option_first: bool = False) -> list[dict]:
     video = sample_video(rng, height, width, frames, fps)
     name = f"vid_{i:05d}"
     paths = [f"videos/{name}/frame_{t:02d}.png" for t in range(frames)]
@@ -205,7 +210,7 @@ def _write_video(out: Path, i: int, rng: np.random.Generator, height: int, width
         atomic_write(out / path, _png(frame))
     media = {"video": paths, "timestamps": video.timestamps, "height": height, "width": width}
     records = []
-    for record in tasks.video_tasks(video, rng, location, last_location, short_answers):
+    for record in tasks.video_tasks(video, rng, location, last_location, short_answers, option_first):
         per_frame = [{str(t): mask_to_rle(m) for t, m in sorted(masks.items())} for masks in record.masks]
         if record.question is None:
             suffix = f"{record.task}-{record.name}" if record.name else record.task

@@ -20,6 +20,7 @@ Notable:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -278,13 +279,15 @@ IMAGE_TASKS = (category_task, short_caption_task, detailed_caption_task, relatio
 
 
 def image_tasks(scene: Scene, rng: np.random.Generator, image_choice: bool = False,
-                location: bool = False) -> list[TaskRecord]:
+                location: bool = False, option_first: bool = False) -> list[TaskRecord]:
     """Every image task that has an unambiguous question on this scene, with `image_choice` the lettered
     questions too and with `location` the location questions. Those draw last (in that order), so turning
-    them on leaves every other record of the seed unchanged."""
+    them on leaves every other record of the seed unchanged. With `option_first` the lettered answers name
+    the option before the letter (`option_first_record`; draws nothing)."""
     records = [record for make in IMAGE_TASKS if (record := make(scene, rng)) is not None]
     records += [choice_task(scene, rng)] if image_choice else []
-    return records + [location_task(scene, rng)] if location else records
+    records += [location_task(scene, rng)] if location else []
+    return [option_first_record(record) for record in records] if option_first else records
 
 
 # ----------------------------------------------------------------------------- video tasks
@@ -406,22 +409,42 @@ def short_answer_task(choice: TaskRecord) -> TaskRecord | None:
     return TaskRecord("video_short_answer", choice.masks, choice.objects, turns, name=question["type"].lower())
 
 
+def option_first_record(record: TaskRecord) -> TaskRecord:
+    """`record` with its lettered answers naming the option before its letter ("(B) left of <object1>" ->
+    "left of <object1> (B)"): the answer is written, and so decided, before its letter has to be found among the
+    options. The parsers (`evaluation.choice`) read the letter either way. Other records come back unchanged."""
+    if record.question is not None:
+        question = dict(record.question, Answer=_option_first(record.question["Answer"]))
+        return dataclasses.replace(record, question=question)
+    if record.task != "image_choice":
+        return record
+    turns = [(role, _option_first(text) if role == "gpt" else text) for role, text in record.conversation]
+    return dataclasses.replace(record, conversation=turns)
+
+
+def _option_first(answer: str) -> str:
+    letter, text = answer.split(" ", 1)
+    return f"{text} {letter}"
+
+
 MULTIPLE_CHOICE = (basic_question, sequential_question, relationship_question, reasoning_question, future_question)
 
 
 def video_tasks(video: VideoScene, rng: np.random.Generator, location: bool = False,
-                last_location: bool = False, short_answers: bool = False) -> list[TaskRecord]:
+                last_location: bool = False, short_answers: bool = False,
+                option_first: bool = False) -> list[TaskRecord]:
     """The motion caption, every multiple-choice type that has an unambiguous question on this video, with
     `location` where each track is first seen, with `last_location` where it is last seen and with
     `short_answers` the Relationship, Reasoning and Future questions again without options, answered in one
-    word (last, drawing nothing, so the other records stay the same)."""
+    word (last, drawing nothing, so the other records stay the same). With `option_first` the lettered answers
+    name the option before the letter (`option_first_record`; draws nothing)."""
     records = [video_caption_task(video)]
     choices = [record for make in MULTIPLE_CHOICE if (record := make(video, rng)) is not None]
     records += choices
     records += [video_location_task(video)] if location else []
     records += [video_last_location_task(video)] if last_location else []
     records += [record for choice in choices if (record := short_answer_task(choice))] if short_answers else []
-    return records
+    return [option_first_record(record) for record in records] if option_first else records
 
 
 # Every literal string the generator writes, for `shapesworld_vocabulary()`.
