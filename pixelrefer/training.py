@@ -178,6 +178,9 @@ class MediaStage:
     vectors starting at that mean norm (seeded by `seed`); it trains with the object MLP, so it needs `object_mlp_lr`.
     `language_layers` appends that many decoder layers to the LLM at this stage, each starting as the identity
     (`pixelrefer.modeling.depth.add_language_layers`, seeded by `seed`), trained with the LLM.
+    `text_choice_records` mixes that many text-only lettered questions (`data.text_tasks`, task "text_choice",
+    their own stream for each stage) into the stage's records, answered option first when the stage's
+    ShapesWorld is (`option_first`): the step from a written answer to its letter, practised where it is cheap.
     """
 
     steps: int
@@ -195,6 +198,7 @@ class MediaStage:
     vision_shapesworld: dict | None = None
     object_time_embedding: float | None = None
     language_layers: int = 0
+    text_choice_records: int = 0
 
     @classmethod
     def parse(cls, spec: dict, index: int) -> "MediaStage":
@@ -215,7 +219,7 @@ class MediaStage:
             value = getattr(stage, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
                 raise ValueError(f"{where}: {name} must be a positive number or None, got {value!r}")
-        for name in ("vision_steps", "vision_batch_size", "language_layers"):
+        for name in ("vision_steps", "vision_batch_size", "language_layers", "text_choice_records"):
             value = getattr(stage, name)
             least = 1 if name == "vision_batch_size" else 0
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -951,11 +955,19 @@ class Trainer:
 
     def media_stage_samples(self, index: int = 0) -> Sequence:
         """Frozen-media stage `index`'s records: its own ShapesWorld (generated once into `output_dir`), else
-        the main stage's."""
+        the main stage's; and its `text_choice_records`, if any."""
+        from pixelrefer.data.text_tasks import text_choice_records
+
         stage = self.config.frozen_media_stages()[index]
-        if not stage.shapesworld:
-            return self.samples
-        return self._own_shapesworld(MediaStage.folder(index), stage.shapesworld, f"media_stages[{index}].shapesworld")
+        samples = self.samples
+        if stage.shapesworld:
+            where = f"media_stages[{index}].shapesworld"
+            samples = self._own_shapesworld(MediaStage.folder(index), stage.shapesworld, where)
+        if not stage.text_choice_records:
+            return samples
+        first = bool((stage.shapesworld or {}).get("option_first"))
+        return list(samples) + text_choice_records(stage.text_choice_records, seed=self.config.seed + 1 + index,
+                                                   option_first=first)
 
     def vision_pretrain_samples(self) -> Sequence:
         """Stage 0's records: its own ShapesWorld (`vision_pretrain_shapesworld`, generated once into

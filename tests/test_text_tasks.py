@@ -7,7 +7,7 @@ import pytest
 
 from pixelrefer.data import shapesworld_vocabulary
 from pixelrefer.data.formats import BENCH_Q_INSTRUCTION
-from pixelrefer.data.text_tasks import KINDS, text_choice
+from pixelrefer.data.text_tasks import KINDS, TextChoiceRecord, text_choice, text_choice_records
 from pixelrefer.tokenizer import build_tokenizer
 
 
@@ -54,3 +54,18 @@ def test_max_objects_bounds_the_facts():
             assert len(named) == (2 if kind in ("relationship", "reasoning") else 1), (kind, context)
     assert max(len(set(re.findall(r"<object\d>", text_choice(rng, "colour")[0]["content"].split("\n")[0])))
                for _ in range(50)) == 3
+
+
+def test_option_first_answers_name_the_option_then_its_letter_and_change_nothing_else():
+    for kind in KINDS:
+        for seed in range(20):
+            plain = text_choice(np.random.default_rng(seed), kind)
+            first = text_choice(np.random.default_rng(seed), kind, option_first=True)
+            letter, text = plain[1]["content"].split(" ", 1)
+            assert first[1]["content"] == f"{text} {letter}" and first[0] == plain[0], (kind, seed)
+    records = text_choice_records(3, seed=5, option_first=True)
+    assert [r.option_first for r in records] == [True] * 3 and records[0].task == "text_choice"
+    conversation, image, video, masks = records[2].load_media()
+    assert conversation == text_choice(np.random.default_rng([5, 2]), option_first=True)
+    assert (image, video, masks) == (None, None, [])
+    assert TextChoiceRecord(5, 2).load_media()[0] == text_choice(np.random.default_rng([5, 2]))

@@ -1,6 +1,7 @@
 """Training loop: learning rates by module, exact resume, accumulation equivalence, bad records."""
 
 import json
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -496,6 +497,29 @@ def test_media_stage_generates_its_own_shapesworld_once(tmp_path):
     assert (tmp_path / "own" / "media_stage_shapesworld" / "train.json").read_bytes() == written
 
 
+def test_media_stage_mixes_in_text_choice_records_option_first_with_its_shapesworld(tmp_path):
+    """`text_choice_records`: that many text-only lettered questions join the stage's records (its own
+    ShapesWorld's or the main stage's), option first when that ShapesWorld is; the stage caches and trains them."""
+    from pixelrefer.training import MediaStage
+
+    own = dict(steps=1, batch_size=4, text_choice_records=5, task_weights={"text_choice": 2},
+               shapesworld=dict(seed=4, num_images=2, num_videos=1, image_choice=True, option_first=True))
+    main = dict(steps=1, batch_size=4, text_choice_records=3)
+    trainer = Trainer(config(tmp_path, "text", media_stages=[own, main]), samples())
+    records = trainer.media_stage_samples(0)
+    texts = [r for r in records if r.task == "text_choice"]
+    assert len(texts) == 5 and len(records) > 5 and all(r.option_first for r in texts)
+    answer = texts[0].load_media()[0][-1]["content"]
+    assert re.fullmatch(r"[^()]+ \([A-D]\)", answer), answer
+    later = trainer.media_stage_samples(1)
+    assert later[:len(trainer.samples)] == list(trainer.samples) and len(later) == len(trainer.samples) + 3
+    added = later[len(trainer.samples):]
+    assert [r.option_first for r in added] == [False] * 3
+    assert {r.seed for r in texts} != {r.seed for r in added}, "a stream per stage"
+    assert len(trainer.media_stage(0)) == 1
+    assert (tmp_path / "text" / MediaStage.folder(0) / "language_model.safetensors").exists()
+
+
 def test_media_stages_run_in_order_and_one_can_scale_the_position_encoding(tmp_path):
     from pixelrefer.training import POSITION_LINEAR, MediaStage
 
@@ -653,6 +677,7 @@ def test_a_media_stage_can_continue_stage0_first_and_saves_the_encoder(tmp_path)
     (dict(steps=1, vision_batch_size=0), "vision_batch_size must be a positive integer"),
     (dict(steps=1, language_layers=-1), "language_layers must be a non-negative integer"),
     (dict(steps=1, language_layers=True), "language_layers must be a non-negative integer"),
+    (dict(steps=1, text_choice_records=-2), "text_choice_records must be a non-negative integer"),
     (dict(steps=1, vision_lr=0), "vision_lr must be a positive number"),
 ])
 def test_bad_vision_fields_of_a_media_stage_are_named(spec, message):

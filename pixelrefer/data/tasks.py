@@ -414,15 +414,16 @@ def option_first_record(record: TaskRecord) -> TaskRecord:
     "left of <object1> (B)"): the answer is written, and so decided, before its letter has to be found among the
     options. The parsers (`evaluation.choice`) read the letter either way. Other records come back unchanged."""
     if record.question is not None:
-        question = dict(record.question, Answer=_option_first(record.question["Answer"]))
+        question = dict(record.question, Answer=option_first_answer(record.question["Answer"]))
         return dataclasses.replace(record, question=question)
     if record.task != "image_choice":
         return record
-    turns = [(role, _option_first(text) if role == "gpt" else text) for role, text in record.conversation]
+    turns = [(role, option_first_answer(text) if role == "gpt" else text) for role, text in record.conversation]
     return dataclasses.replace(record, conversation=turns)
 
 
-def _option_first(answer: str) -> str:
+def option_first_answer(answer: str) -> str:
+    """A lettered answer written option first: "(B) left of <object1>" -> "left of <object1> (B)"."""
     letter, text = answer.split(" ", 1)
     return f"{text} {letter}"
 

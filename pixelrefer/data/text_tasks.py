@@ -33,9 +33,11 @@ def _fact(k: int, words: str) -> str:
     return f"<object{k}> {words} ."
 
 
-def text_choice(rng: np.random.Generator, kind: str | None = None, max_objects: int = 3) -> list[dict[str, str]]:
+def text_choice(rng: np.random.Generator, kind: str | None = None, max_objects: int = 3,
+                option_first: bool = False) -> list[dict[str, str]]:
     """One conversation: facts about 1 to `max_objects` objects (two for relationship and reasoning questions)
-    and a lettered question of `kind` (random when None)."""
+    and a lettered question of `kind` (random when None), answered "(B) red", or "red (B)" with `option_first`
+    (as ShapesWorld's `option_first`; draws nothing, so the conversation is otherwise the same)."""
     kind = kind or KINDS[int(rng.integers(len(KINDS)))]
     count = int(rng.integers(1, max_objects + 1)) if kind not in ("relationship", "reasoning") else 2
     colours = [str(c) for c in rng.choice(list(COLOURS), count, replace=False)]
@@ -81,17 +83,19 @@ def text_choice(rng: np.random.Generator, kind: str | None = None, max_objects: 
     order = rng.permutation(len(facts))
     context = " ".join(facts[i] for i in order)
     return [{"role": "user", "content": context + "\n" + bench_q_prompt(question, choices)},
-            {"role": "assistant", "content": answer}]
+            {"role": "assistant", "content": tasks.option_first_answer(answer) if option_first else answer}]
 
 
 @dataclass(frozen=True)
 class TextChoiceRecord:
     """A text-only lettered question as a training record (`load_media()` like `pixelrefer.data.Sample`):
-    number `index` of the stream seeded by `seed`, the same conversation every time it is loaded."""
+    number `index` of the stream seeded by `seed`, the same conversation every time it is loaded, answered
+    option first with `option_first`."""
 
     seed: int
     index: int
     task: str = "text_choice"
+    option_first: bool = False
     meta: dict = field(default_factory=dict, compare=False)
     image = None
     video = None
@@ -102,9 +106,11 @@ class TextChoiceRecord:
         return f"text_choice:{self.seed}:{self.index}"
 
     def load_media(self):
-        return text_choice(np.random.default_rng([self.seed, self.index])), None, None, []
+        conversation = text_choice(np.random.default_rng([self.seed, self.index]), option_first=self.option_first)
+        return conversation, None, None, []
 
 
-def text_choice_records(count: int, seed: int = 0) -> list[TextChoiceRecord]:
-    """`count` text-only lettered questions to mix into a multimodal training set (TrainConfig.text_choice_records)."""
-    return [TextChoiceRecord(seed, i) for i in range(count)]
+def text_choice_records(count: int, seed: int = 0, option_first: bool = False) -> list[TextChoiceRecord]:
+    """`count` text-only lettered questions to mix into a multimodal training set (TrainConfig.text_choice_records,
+    MediaStage.text_choice_records), answered option first with `option_first`."""
+    return [TextChoiceRecord(seed, i, option_first=option_first) for i in range(count)]
