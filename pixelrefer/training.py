@@ -333,6 +333,25 @@ SHORT_ANSWER_STAGE = dict(steps=1000, lr=3e-4, batch_size=32, mixed_precision="b
                           shapesworld=dict(seed=17, num_images=300, num_videos=1500, image_choice=True,
                                            location=True, last_location=True, short_answers=True))
 
+# shapes-tiny-lite's option-first stage: its lettered answers written option first (ShapesWorld's `option_first`:
+# "higher up (D)", not "(D) higher up"), so the answer is decided at its first word, as the short answers taught,
+# and the letter is looked up after it (seed 19, 400 images + 1200 videos, multiple choice ×4, the rest ×2; the
+# object MLP frozen). Alone it moved the letters little (52.7 -> 54.7 % on the probe): the lookup is slow to learn.
+OPTION_FIRST_STAGE = dict(steps=600, lr=3e-4, batch_size=32, mixed_precision="bf16",
+                          task_weights=dict(multiple_choice=4, image_choice=2, video_short_answer=2, video_caption=2,
+                                            category=2, location=2, video_location=2, video_last_location=2),
+                          shapesworld=dict(seed=19, num_images=400, num_videos=1200, image_choice=True,
+                                           location=True, last_location=True, short_answers=True, option_first=True))
+
+# shapes-tiny-lite's lookup stage: the same option-first records (seed 21, 200 images + 600 videos) with 12,000
+# text-only lettered questions answered option first (`text_choice_records`), where finding the letter of a written
+# answer is cheap to practise. docs/embedded-models.md, "Session 18".
+LOOKUP_STAGE = dict(steps=600, lr=3e-4, batch_size=32, mixed_precision="bf16", text_choice_records=12000,
+                    task_weights=dict(text_choice=2, multiple_choice=4, video_short_answer=2, video_caption=2,
+                                      category=2),
+                    shapesworld=dict(seed=21, num_images=200, num_videos=600, image_choice=True, location=True,
+                                     last_location=True, short_answers=True, option_first=True))
+
 TRAIN_PRESETS: dict[str, dict] = {
     # The embedded defaults: `pixelrefer train --preset shapes-tiny[-lite]` reproduces them. The tiny model has no
     # pretrained vision encoder, so stage 0 trains it on object categories and colours first (standing in for
@@ -368,7 +387,8 @@ TRAIN_PRESETS: dict[str, dict] = {
 # tokens keep where an object is: the readout of its motion rises from chance to 87.5 %) and its frozen-media
 # stages: 1500 steps × 32 records of seed 7 with video multiple choice ×3 (its letters rise from 30.6 to
 # 40.8 %), the video stage, its encoder stage (no projector: Lite sends no global tokens), the video re-fit, the
-# location stage and the last-seen stage.
+# location stage, the last-seen stage, the time stage, the short-answer stage, the option-first stage and the
+# lookup stage (lettered answers written option first, then the letter).
 TRAIN_PRESETS["shapes-tiny-lite"] = dict(
     TRAIN_PRESETS["shapes-tiny"],
     framework="object_only",
@@ -384,6 +404,8 @@ TRAIN_PRESETS["shapes-tiny-lite"] = dict(
         LAST_LOCATION_STAGE,
         TIME_STAGE,
         SHORT_ANSWER_STAGE,
+        OPTION_FIRST_STAGE,
+        LOOKUP_STAGE,
     ],
 )
 # What the notebooks' and the ablations' short runs change in that recipe: no LLM stage (2000 steps of 128
