@@ -295,12 +295,13 @@ def cached_loss(model, batch: dict[str, Tensor]) -> Tensor:
 @torch.no_grad()
 def choice_letter_accuracy(model, records: Sequence[CachedRecord], open_id: int,
                            batch_size: int = 32) -> dict[str, dict[str, float]]:
-    """Teacher-forced option letters: for every supervised `open_id` token (the `(` of "(B) …") followed by a
-    supervised token, is the model's most likely next token that letter?
+    """Teacher-forced option letters: for every supervised `open_id` token (the `(` of "(B) …", or of "… (B)" in
+    option-first answers) followed by a supervised token, is the model's most likely next token that letter?
 
     One forward pass per batch instead of generation. A model that opens its answers with "(" writes, greedily,
-    the letter this scores (the embedded models do, tested), so it tracks the benchmark's multiple-choice
-    accuracy while a frozen-media stage trains. Returns {group: {"right", "total", "accuracy"}} per record
+    the letter this scores; one that writes the option first (shapes-tiny-lite) writes it wherever its option text
+    is the reference's (both tested), so on records in the model's own order it tracks the benchmark's
+    multiple-choice accuracy while a frozen-media stage trains, given the right text. Returns {group: {"right", "total", "accuracy"}} per record
     `kind` (else task) and over all as "all"; records without a lettered answer are left out.
     """
     device = next(model.parameters()).device
