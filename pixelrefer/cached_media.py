@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from pixelrefer.errors import InputError
+from pixelrefer.option_order import OptionTokens, lettered_questions, shuffle_options
 from pixelrefer.stage_checkpoint import StageCheckpoint
 
 LLM_PREFIXES = ("model.language_model.", "lm_head.")
@@ -349,7 +350,8 @@ def train_on_cached_media(model, records: Sequence[CachedRecord], *, steps: int,
                           autocast: Callable = contextlib.nullcontext,
                           callback: Callable[[int, float], None] | None = None,
                           object_mlp_lr: float | None = None, projector_lr: float | None = None,
-                          checkpoint: StageCheckpoint | None = None) -> list[float]:
+                          checkpoint: StageCheckpoint | None = None,
+                          option_tokens: OptionTokens | None = None) -> list[float]:
     """Train the LLM (embeddings, layers, head) on cached records; returns the per-step losses.
 
     Each step draws `batch_size` records with replacement from the task-weighted pool (seeded by `seed`).
@@ -357,10 +359,21 @@ def train_on_cached_media(model, records: Sequence[CachedRecord], *, steps: int,
     the optimizer, so the rest of the model is untouched. `object_mlp_lr` trains the object MLP too, at that
     rate, on records cached with `objects=True` (and the object time embedding, when the model has one). `callback(step, loss)` runs after each step. `checkpoint`
     (`pixelrefer.stage_checkpoint`) saves what trains, the optimizer and the sampler every few steps and
-    continues from its last save.
+    continues from its last save. `option_tokens` (`pixelrefer.option_order`) deals every drawn lettered
+    question's options to the letters in a new order (from the sampler's generator), the answer's letter moving
+    with its text.
     """
     if not records:
         raise ValueError("no cached records to train on")
+    questions = {}
+    if option_tokens is not None:
+        questions = {i: found for i, r in enumerate(records)
+                     if (found := lettered_questions(r.input_ids.tolist(), r.labels.tolist(), option_tokens,
+                                                     r.attention_mask.tolist()))}
+        if not questions:
+            raise ValueError(f"shuffle_options: none of the {len(records)} records has a lettered question whose "
+                             f"options can be reordered (\"(A)\" … as {option_tokens.letters[0]}, then the "
+                             f"instruction) to deal anew")
     device = next(model.parameters()).device
     pool = weighted_indices(records, task_weights or {})
     rng = np.random.default_rng(seed)
@@ -393,7 +406,9 @@ def train_on_cached_media(model, records: Sequence[CachedRecord], *, steps: int,
     start, losses = checkpoint.restore(**saved) if checkpoint else (0, [])
     model.train()
     for step in tqdm(range(start + 1, steps + 1), initial=start, total=steps, desc="frozen-media stage"):
-        chosen = [records[pool[i]] for i in rng.integers(0, len(pool), size=batch_size)]
+        drawn = [pool[i] for i in rng.integers(0, len(pool), size=batch_size)]
+        chosen = [shuffle_options(records[i], option_tokens, rng, questions[i]) if i in questions else records[i]
+                  for i in drawn]
         batch = {k: v.to(device) for k, v in collate_cached(chosen, pad).items()}
         with autocast():
             loss = cached_loss(model, batch)

@@ -181,6 +181,11 @@ class MediaStage:
     `text_choice_records` mixes that many text-only lettered questions (`data.text_tasks`, task "text_choice",
     their own stream for each stage) into the stage's records, answered option first when the stage's
     ShapesWorld is (`option_first`): the step from a written answer to its letter, practised where it is cheap.
+    `text_choice_context` puts facts about up to that many other objects before each of them
+    (`text_tasks.context_facts`), so the step is practised at the prompt lengths of region questions too.
+    `shuffle_options` deals each drawn lettered question's options to the letters in a new order, its answer's
+    letter moving with its text (`pixelrefer.option_order`): the letter of an answer is practised on every
+    record's own prompt many times over, where repeating a record would teach its one letter.
     """
 
     steps: int
@@ -199,6 +204,8 @@ class MediaStage:
     object_time_embedding: float | None = None
     language_layers: int = 0
     text_choice_records: int = 0
+    text_choice_context: int = 0
+    shuffle_options: bool = False
 
     @classmethod
     def parse(cls, spec: dict, index: int) -> "MediaStage":
@@ -225,6 +232,16 @@ class MediaStage:
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{where}: {name} must be a {'positive' if least else 'non-negative'} "
                                  f"integer, got {value!r}")
+        from pixelrefer.data.text_tasks import MAX_CONTEXT_OBJECTS
+
+        context = stage.text_choice_context
+        if isinstance(context, bool) or not isinstance(context, int) or not 0 <= context <= MAX_CONTEXT_OBJECTS:
+            raise ValueError(f"{where}: text_choice_context must be an integer from 0 to {MAX_CONTEXT_OBJECTS}, "
+                             f"got {context!r}")
+        if not isinstance(stage.shuffle_options, bool):
+            raise ValueError(f"{where}: shuffle_options must be true or false, got {stage.shuffle_options!r}")
+        if context and not stage.text_choice_records:
+            raise ValueError(f"{where}: text_choice_context is the context of its text_choice_records: set those")
         if not (isinstance(stage.vision_lr, (int, float)) and stage.vision_lr > 0):
             raise ValueError(f"{where}: vision_lr must be a positive number, got {stage.vision_lr!r}")
         norm = stage.object_time_embedding
@@ -892,7 +909,9 @@ class Trainer:
     def media_stage(self, index: int = 0, callback: Callable[[str, int, float], None] | None = None) -> list[float]:
         """Frozen-media stage `index`: cache every record's media tokens, then fit the LLM alone on them (main
         process); loaded everywhere after, and loaded instead of refit when its folder exists."""
-        from pixelrefer.cached_media import OBJECT_MLP, OBJECT_TIME, PROJECTOR, cache_media, train_on_cached_media
+        from pixelrefer.cached_media import (OBJECT_MLP, OBJECT_TIME, PROJECTOR, cache_media, media_token_ids,
+                                             train_on_cached_media)
+        from pixelrefer.option_order import OptionTokens
 
         cfg, acc = self.config, self.accelerator
         stage = cfg.frozen_media_stages()[index]
@@ -944,6 +963,8 @@ class Trainer:
                 model, records, steps=stage.steps, lr=stage.lr, batch_size=stage.batch_size, seed=cfg.seed,
                 warmup_ratio=cfg.warmup_ratio, task_weights=stage.task_weights, autocast=autocast,
                 object_mlp_lr=stage.object_mlp_lr, projector_lr=stage.projector_lr, callback=_named(callback, name),
+                option_tokens=OptionTokens.of(self.processor.tokenizer, media_token_ids(model.config))
+                if stage.shuffle_options else None,
                 checkpoint=self.stage_checkpoint(name, settings=dataclasses.asdict(stage),
                                                  before=[dataclasses.asdict(s) for s in cfg.frozen_media_stages()[:index]]))
 
@@ -989,7 +1010,7 @@ class Trainer:
             return samples
         first = bool((stage.shapesworld or {}).get("option_first"))
         return list(samples) + text_choice_records(stage.text_choice_records, seed=self.config.seed + 1 + index,
-                                                   option_first=first)
+                                                   option_first=first, context_objects=stage.text_choice_context)
 
     def vision_pretrain_samples(self) -> Sequence:
         """Stage 0's records: its own ShapesWorld (`vision_pretrain_shapesworld`, generated once into

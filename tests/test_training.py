@@ -499,12 +499,13 @@ def test_media_stage_generates_its_own_shapesworld_once(tmp_path):
 
 def test_media_stage_mixes_in_text_choice_records_option_first_with_its_shapesworld(tmp_path):
     """`text_choice_records`: that many text-only lettered questions join the stage's records (its own
-    ShapesWorld's or the main stage's), option first when that ShapesWorld is; the stage caches and trains them."""
+    ShapesWorld's or the main stage's), option first when that ShapesWorld is; the stage caches and trains them
+    (with `shuffle_options`, each drawn question's options dealt anew)."""
     from pixelrefer.training import MediaStage
 
-    own = dict(steps=1, batch_size=4, text_choice_records=5, task_weights={"text_choice": 2},
+    own = dict(steps=1, batch_size=4, text_choice_records=5, task_weights={"text_choice": 2}, shuffle_options=True,
                shapesworld=dict(seed=4, num_images=2, num_videos=1, image_choice=True, option_first=True))
-    main = dict(steps=1, batch_size=4, text_choice_records=3)
+    main = dict(steps=1, batch_size=4, text_choice_records=3, text_choice_context=4)
     trainer = Trainer(config(tmp_path, "text", media_stages=[own, main]), samples())
     records = trainer.media_stage_samples(0)
     texts = [r for r in records if r.task == "text_choice"]
@@ -515,6 +516,7 @@ def test_media_stage_mixes_in_text_choice_records_option_first_with_its_shapeswo
     assert later[:len(trainer.samples)] == list(trainer.samples) and len(later) == len(trainer.samples) + 3
     added = later[len(trainer.samples):]
     assert [r.option_first for r in added] == [False] * 3
+    assert [r.context_objects for r in added] == [4] * 3 and all(r.context_objects == 0 for r in texts)
     assert {r.seed for r in texts} != {r.seed for r in added}, "a stream per stage"
     assert len(trainer.media_stage(0)) == 1
     assert (tmp_path / "text" / MediaStage.folder(0) / "language_model.safetensors").exists()
@@ -678,6 +680,10 @@ def test_a_media_stage_can_continue_stage0_first_and_saves_the_encoder(tmp_path)
     (dict(steps=1, language_layers=-1), "language_layers must be a non-negative integer"),
     (dict(steps=1, language_layers=True), "language_layers must be a non-negative integer"),
     (dict(steps=1, text_choice_records=-2), "text_choice_records must be a non-negative integer"),
+    (dict(steps=1, text_choice_records=4, text_choice_context=13),
+     "text_choice_context must be an integer from 0 to 12"),
+    (dict(steps=1, text_choice_context=3), "text_choice_context is the context of its text_choice_records"),
+    (dict(steps=1, shuffle_options="yes"), "shuffle_options must be true or false"),
     (dict(steps=1, vision_lr=0), "vision_lr must be a positive number"),
 ])
 def test_bad_vision_fields_of_a_media_stage_are_named(spec, message):
