@@ -46,6 +46,9 @@ Notable:
   being lost. Saved to `media_stage/`, `media_stage_2/`…
   and reused like the other stages; their settings are not part of the main stage's trajectory, so stages can
   follow a finished run.
+- `weights_from` starts a preset model from another checkpoint's architecture and weights, across frameworks
+  (`copy_weights`: a Vision-Object model from an Object-Only one leaves the infusion module out; the other way
+  it keeps its initialisation, with a warning). The shipped shapes-tiny starts from shapes-tiny-lite.
 """
 
 from __future__ import annotations
@@ -125,6 +128,7 @@ class TrainConfig:
     vision_pretrain_lr: float = 3e-3
     vision_pretrain_shapesworld: dict | None = None  # generate_shapesworld kwargs of stage 0's own images; None: the main stage's
     vision_encoder_from: str | None = None  # embedded model or checkpoint whose vision encoder to start from
+    weights_from: str | None = None  # embedded model or checkpoint whose architecture and weights start a preset model
     llm_pretrain_steps: int = 0  # LLM stage on text-only lettered questions (see the module docstring); 0 skips it
     llm_pretrain_lr: float = 1e-3
     llm_pretrain_max_objects: int = 1  # objects per question's facts (2 for relationship / reasoning ones)
@@ -274,20 +278,13 @@ def _upgraded(data: dict, path) -> dict:
     return data
 
 
-# The video stage both have: a frozen-media stage on a ShapesWorld of its own (seed 8) with video multiple
-# choice ×3 and video captions ×2, in bf16 autocast (1.2-1.6× faster on this CPU's AMX units). It lifted video
-# multiple choice from 26.2 to 32.7 % (shapes-tiny) and from 40.8 to 47.6 % (shapes-tiny-lite). README,
+# The video stage (shapes-tiny-lite's, and shapes-tiny v15's): a frozen-media stage on a ShapesWorld of its own (seed 8)
+# with video multiple choice ×3 and video captions ×2, in bf16 autocast (1.2-1.6× faster on this CPU's AMX units). It
+# lifted video multiple choice from 26.2 to 32.7 % (shapes-tiny) and from 40.8 to 47.6 % (shapes-tiny-lite). README,
 # "The embedded models".
 VIDEO_STAGE = dict(steps=1500, lr=3e-4, batch_size=32, mixed_precision="bf16",
                    task_weights=dict(multiple_choice=3, video_caption=2),
                    shapesworld=dict(seed=8, num_images=300, num_videos=1500, image_choice=True))
-
-# shapes-tiny's second stage: its position Linear's weight ×40 (std 0.026 → 1.04: a linear readout of motion from the
-# k-means centroids goes from 33 to 97 %) and the object MLP trained beside the LLM at 1e-3, on a ShapesWorld of its
-# own (seed 9). Video multiple choice 32.7 → 35.4 %, comparisons 31.5 → 52 %, short-caption exact match 40 → 46.5 %,
-# categories 86.5 → 86.7 %. README, "Where location is lost".
-LOCATION_STAGE = dict(VIDEO_STAGE, position_scale=40.0, object_mlp_lr=1e-3,
-                      shapesworld=dict(seed=9, num_images=300, num_videos=1500, image_choice=True))
 
 # shapes-tiny-lite's encoder stage: stage 0 continued for 2000 steps on a ShapesWorld of 12,000 new images (seed 11; on
 # the preset's 2000 images more stage-0 steps only overfit: the encoder's probe stays at 91 %, on new images it
@@ -299,22 +296,18 @@ ENCODER_STAGE = dict(steps=600, lr=3e-4, batch_size=32, mixed_precision="bf16", 
                      vision_steps=2000, vision_lr=1e-3, vision_batch_size=16,
                      vision_shapesworld=dict(seed=11, num_images=12000, num_videos=0))
 
-# shapes-tiny's encoder stage: the same, with the image projector re-fit too (1e-3): in Vision-Object the global image and
-# video tokens come from the new encoder through it. Held-out categories 86.7 -> 93.0 %, comparisons 52 -> 71.5 %.
-# docs/embedded-models.md, "Session 13".
-TINY_ENCODER_STAGE = dict(ENCODER_STAGE, projector_lr=1e-3)
-
-# Both embedded models' last stage: the video stage's recipe again for 600 steps, the LLM alone, after the encoder
-# stage, whose re-fit on the main stage's data (600 videos) cost the video letters. Held-out video multiple choice
-# 44.6 -> 50.0 % (shapes-tiny-lite; Basic 56.7 -> 96.7 %) and 35.0 -> 38.8 % (shapes-tiny), categories 92.0 -> 91.5
-# and 93.0 -> 91.2 %. docs/embedded-models.md, "Session 13".
+# The video re-fit (shapes-tiny-lite's, and shapes-tiny v15's): the video stage's recipe again for 600 steps, the LLM
+# alone, after the encoder stage, whose re-fit on the main stage's data (600 videos) cost the video letters. Held-out
+# video multiple choice 44.6 -> 50.0 % (shapes-tiny-lite; Basic 56.7 -> 96.7 %) and 35.0 -> 38.8 % (shapes-tiny),
+# categories 92.0 -> 91.5 and 93.0 -> 91.2 %. docs/embedded-models.md, "Session 13".
 VIDEO_REFIT_STAGE = dict(VIDEO_STAGE, steps=600)
 
-# Both embedded models' location stage (shapes-tiny's last): ShapesWorld's location questions (seed 13, `location=True`: "Where is <region> in the
-# image?" and where each track is first seen, answered by the 3×3 cell of the object's centre) weighted ×8 / ×4, image
-# relations ×4 and video multiple choice ×2, with the position Linear's weight ×4 and the object MLP trained beside the
-# LLM. Before it neither model could say where an object is (12 / 7 % of held-out objects, chance for nine cells),
-# so relations and the cross-frame questions sat at chance. docs/embedded-models.md, "Session 14".
+# The location stage (shapes-tiny-lite's, and shapes-tiny v15's last): ShapesWorld's location questions (seed 13,
+# `location=True`: "Where is <region> in the image?" and where each track is first seen, answered by the 3×3 cell of the
+# object's centre) weighted ×8 / ×4, image relations ×4 and video multiple choice ×2, with the position Linear's weight
+# ×4 and the object MLP trained beside the LLM. Before it neither model could say where an object is (12 / 7 % of
+# held-out objects, chance for nine cells), so relations and the cross-frame questions sat at chance.
+# docs/embedded-models.md, "Session 14".
 LOCATION_QA_STAGE = dict(steps=1000, lr=3e-4, batch_size=32, mixed_precision="bf16", position_scale=4.0,
                          object_mlp_lr=1e-3,
                          task_weights=dict(location=8, relation=4, video_location=4, multiple_choice=2),
@@ -380,48 +373,47 @@ SHUFFLE_STAGE = dict(steps=600, lr=3e-4, batch_size=32, mixed_precision="bf16", 
                      shapesworld=dict(seed=23, num_images=200, num_videos=600, image_choice=True, location=True,
                                       last_location=True, short_answers=True, option_first=True))
 
-TRAIN_PRESETS: dict[str, dict] = {
-    # The embedded defaults: `pixelrefer train --preset shapes-tiny[-lite]` reproduces them. The tiny model has no
-    # pretrained vision encoder, so stage 0 trains it on object categories and colours first (standing in for
-    # SigLIP's pretraining), and it then trains along at 2e-4 (the paper freezes it: a frozen 3600-step encoder
-    # lost colours). It has no instruction-tuned LLM either, so the LLM stage teaches it lettered answers on text
-    # (128 questions a step: fewer do not learn the letters in 2000 steps); the main stage keeps the LLM at 1e-4,
-    # which keeps those letters (1e-3 forgets them), and trains the object encoder and projector at 1e-3 from
-    # random weights. README, "The embedded models".
-    "shapes-tiny": dict(
-        model="tiny",
-        framework="vision_object",
-        model_overrides=dict(freeze_vision_encoder=False),
-        shapesworld=dict(seed=0, num_images=2000, num_videos=600, image_choice=True),
-        output_dir="runs/train/shapes-tiny",
-        vision_pretrain_steps=3600,
-        vision_pretrain_lr=3e-3,
-        llm_pretrain_steps=2000,
-        llm_pretrain_batch_size=128,
-        llm_pretrain_max_objects=3,
-        steps=1800,
-        batch_size=16,
-        lr_llm=1e-4,
-        lr_projector=1e-3,
-        lr_object_encoder=1e-3,
-        lr_vision_encoder=2e-4,
-        task_weights=dict(multiple_choice=3, image_choice=3),
-        text_choice_records=3000,
-        save_every=100,
-        media_stages=[VIDEO_STAGE, LOCATION_STAGE, TINY_ENCODER_STAGE, VIDEO_REFIT_STAGE, LOCATION_QA_STAGE],
-    ),
-}
-# shapes-tiny-lite changes in that recipe a larger initialisation of the position encoding (std 3.0, so the object
-# tokens keep where an object is: the readout of its motion rises from chance to 87.5 %) and its frozen-media
-# stages: 1500 steps × 32 records of seed 7 with video multiple choice ×3 (its letters rise from 30.6 to
-# 40.8 %), the video stage, its encoder stage (no projector: Lite sends no global tokens), the video re-fit, the
-# location stage, the last-seen stage, the time stage, the short-answer stage, the option-first stage, the
-# lookup stage (lettered answers written option first, then the letter) and the shuffle stage (options dealt anew).
-TRAIN_PRESETS["shapes-tiny-lite"] = dict(
-    TRAIN_PRESETS["shapes-tiny"],
+# shapes-tiny's transfer stage, on shapes-tiny-lite's weights: the shuffle stage's recipe on a new ShapesWorld
+# (seed 25, 300 images + 600 videos, 6000 text questions), category ×4, 600 steps × 32, with the image projector
+# trained beside the LLM (`projector_lr`), so the LLM learns to read the global image and video tokens Lite never
+# sent it, and object tokens without Lite's infusion. docs/embedded-models.md, "Session 20".
+TRANSFER_STAGE = dict(SHUFFLE_STAGE, projector_lr=1e-3,
+                      task_weights=dict(SHUFFLE_STAGE["task_weights"], category=4),
+                      shapesworld=dict(SHUFFLE_STAGE["shapesworld"], seed=25, num_images=300))
+# Then the same again on seed 26: validation letters (150 questions) 59.3 -> 69.3 % at its step 600.
+TRANSFER_STAGES = [TRANSFER_STAGE, dict(TRANSFER_STAGE, shapesworld=dict(TRANSFER_STAGE["shapesworld"], seed=26))]
+
+# shapes-tiny-lite, the from-scratch recipe. The tiny model has no pretrained vision encoder, so stage 0 trains it on
+# object categories and colours first (standing in for SigLIP's pretraining), and it then trains along at 2e-4 (the
+# paper freezes it: a frozen 3600-step encoder lost colours). It has no instruction-tuned LLM either, so the LLM stage
+# teaches it lettered answers on text (128 questions a step: fewer do not learn the letters in 2000 steps); the main
+# stage keeps the LLM at 1e-4, which keeps those letters (1e-3 forgets them), and trains the object encoder and
+# projector at 1e-3 from random weights. The position encoding starts larger (std 3.0, so the object tokens keep where
+# an object is: the readout of its motion rises from chance to 87.5 %). Then the frozen-media stages: 1500 steps × 32
+# records of seed 7 with video multiple choice ×3 (its letters rise from 30.6 to 40.8 %), the video stage, the encoder
+# stage, the video re-fit, the location stage, the last-seen stage, the time stage, the short-answer stage, the
+# option-first stage, the lookup stage (lettered answers written option first, then the letter) and the shuffle stage
+# (options dealt anew). README, "The embedded models".
+SHAPES_TINY_LITE = dict(
+    model="tiny",
     framework="object_only",
-    output_dir="runs/train/shapes-tiny-lite",
     model_overrides=dict(freeze_vision_encoder=False, position_init_std=3.0),
+    shapesworld=dict(seed=0, num_images=2000, num_videos=600, image_choice=True),
+    output_dir="runs/train/shapes-tiny-lite",
+    vision_pretrain_steps=3600,
+    vision_pretrain_lr=3e-3,
+    llm_pretrain_steps=2000,
+    llm_pretrain_batch_size=128,
+    llm_pretrain_max_objects=3,
+    steps=1800,
+    batch_size=16,
+    lr_llm=1e-4,
+    lr_projector=1e-3,
+    lr_object_encoder=1e-3,
+    lr_vision_encoder=2e-4,
+    task_weights=dict(multiple_choice=3, image_choice=3),
+    text_choice_records=3000,
+    save_every=100,
     media_stages=[
         dict(steps=1500, lr=3e-4, batch_size=32, task_weights=dict(multiple_choice=3),
              shapesworld=dict(seed=7, num_images=500, num_videos=1500, image_choice=True)),
@@ -437,10 +429,32 @@ TRAIN_PRESETS["shapes-tiny-lite"] = dict(
         SHUFFLE_STAGE,
     ],
 )
+
+TRAIN_PRESETS: dict[str, dict] = {
+    # The embedded defaults: `pixelrefer train --preset shapes-tiny[-lite]` reproduces them. shapes-tiny (Vision-Object)
+    # starts from shapes-tiny-lite's weights and architecture (`weights_from`: every tensor but Lite's infusion module;
+    # the same LLM, encoders, object MLP and time embedding) and has no stage of its own before its frozen-media
+    # stages, which teach the LLM the global image and video tokens (`TRANSFER_STAGE`). Its from-scratch recipe up to
+    # v15 is in docs/embedded-models.md; `weights_from=None` with `steps` and the stages set runs one.
+    "shapes-tiny": dict(
+        SHAPES_TINY_LITE,
+        framework="vision_object",
+        model_overrides={},  # the architecture comes with the weights
+        weights_from="shapes-tiny-lite",
+        output_dir="runs/train/shapes-tiny",
+        vision_pretrain_steps=0,
+        llm_pretrain_steps=0,
+        steps=0,
+        text_choice_records=0,
+        media_stages=TRANSFER_STAGES,
+    ),
+    "shapes-tiny-lite": SHAPES_TINY_LITE,
+}
 # What the notebooks' and the ablations' short runs change in that recipe: no LLM stage (2000 steps of 128
-# questions), no lettered questions mixed in, the LLM at the rate of a run with no letters to keep, and no
-# frozen-media stage.
-SHORT_RUN = dict(llm_pretrain_steps=0, text_choice_records=0, task_weights={}, lr_llm=1e-3, media_stages=[])
+# questions), no lettered questions mixed in, the LLM at the rate of a run with no letters to keep, no
+# frozen-media stage, and the tiny preset's random weights (no `weights_from`).
+SHORT_RUN = dict(llm_pretrain_steps=0, text_choice_records=0, task_weights={}, lr_llm=1e-3, media_stages=[],
+                 weights_from=None)
 
 
 def preset_config(name: str, **overrides) -> TrainConfig:
@@ -542,6 +556,48 @@ def copy_vision_encoder(source: str, model) -> None:
     if differing:
         raise ValueError(f"vision_encoder_from={source!r}: its vision encoder differs from the model's in {differing}")
     model.model.vision_model.load_state_dict(donor.model.vision_model.state_dict())
+
+
+def architecture_of(source: str) -> dict:
+    """The model config of `source` (an embedded model or checkpoint folder) as `PixelReferConfig` overrides,
+    framework aside: what `weights_from` builds the model with before `framework` and `model_overrides` apply."""
+    from pixelrefer.config import PixelReferConfig
+    from pixelrefer.inference import ASSETS, embedded_models
+
+    path = ASSETS / source if source in embedded_models() else Path(source)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"weights_from={source!r} is neither an embedded model ({', '.join(embedded_models())}) "
+                         "nor a checkpoint folder with a config.json")
+    config = PixelReferConfig.from_pretrained(path).to_dict()
+    return {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS | {"model_type", "framework"}}
+
+
+def copy_weights(source: str, model, tokenizer=None) -> dict[str, list[str]]:
+    """Start `model` from the weights of `source` (an embedded model or checkpoint folder), across frameworks:
+    every parameter and buffer of the same name is copied. The two must have the same LLM and vision encoder
+    (their configs, and `tokenizer`'s vocabulary when given, are compared; what differs is named), and a tensor
+    both have must have one shape. Returns what was not copied: `kept` (this model's own, e.g. the infusion
+    module of an Object-Only model started from a Vision-Object one, left at its initialisation and warned
+    about) and `left_out` (the source's, e.g. that infusion module going the other way)."""
+    donor, donor_processor = load(source)
+    for part in ("text_config", "vision_config"):
+        mine, theirs = getattr(model.config, part).to_dict(), getattr(donor.config, part).to_dict()
+        differing = sorted(k for k in mine.keys() | theirs.keys()
+                           if k not in _VOLATILE_CONFIG_KEYS and mine.get(k) != theirs.get(k))
+        if differing:
+            raise ValueError(f"weights_from={source!r}: its {part} differs from the model's in {differing}")
+    if tokenizer is not None and tokenizer.get_vocab() != donor_processor.tokenizer.get_vocab():
+        raise ValueError(f"weights_from={source!r}: its tokenizer's vocabulary is not the model's")
+    mine, theirs = model.state_dict(), donor.state_dict()
+    shapes = sorted(f"{k} {tuple(theirs[k].shape)} -> {tuple(v.shape)}" for k, v in mine.items()
+                    if k in theirs and theirs[k].shape != v.shape)
+    if shapes:
+        raise ValueError(f"weights_from={source!r}: tensors of other shapes: {shapes}")
+    model.load_state_dict({k: theirs[k] for k in mine if k in theirs}, strict=False)
+    report = dict(kept=sorted(k for k in mine if k not in theirs), left_out=sorted(k for k in theirs if k not in mine))
+    if report["kept"]:
+        warnings.warn(f"weights_from={source!r} has no {report['kept']}: they keep their initialisation", stacklevel=2)
+    return report
 
 
 ATTRIBUTES = ("category", "colour", "size")  # what stage 0 learns to name, where the records give it
@@ -732,11 +788,18 @@ class Trainer:
         self.accelerator = accelerator or _accelerator(config.mixed_precision)
         self.output = Path(config.output_dir)
         overrides = {"framework": config.framework, **config.model_overrides}
+        if config.weights_from:
+            if Path(config.model).is_dir():
+                raise ValueError(f"weights_from={config.weights_from!r} starts a preset model from other weights, "
+                                 f"but model={config.model!r} is a checkpoint already")
+            overrides = {**architecture_of(config.weights_from), **overrides}
         if Path(config.model).is_dir():
             overrides = {}  # a checkpoint brings its own config
         with warnings.catch_warnings():  # random weights are what training starts from
             warnings.filterwarnings("ignore", message="preset .* has random weights")
             model, self.processor = load(config.model, seed=config.seed, **overrides)
+        self.weights_copied = copy_weights(config.weights_from, model, self.processor.tokenizer) \
+            if config.weights_from else None
         if config.vision_encoder_from:
             copy_vision_encoder(config.vision_encoder_from, model)
         model.train()

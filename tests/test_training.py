@@ -171,7 +171,10 @@ def test_the_shipped_models_were_trained_with_their_preset(name):
               "": config.steps, **{MediaStage.folder(i): s.steps for i, s in enumerate(config.frozen_media_stages())}}
     for stage, steps in stages.items():
         path = ASSETS / name / (f"{stage}_loss_history.json" if stage else "loss_history.json")
-        assert len(json.loads(path.read_text())) == steps, path
+        if steps:
+            assert len(json.loads(path.read_text())) == steps, path
+        else:
+            assert not path.exists(), f"{path}: a stage the recipe does not run"
 
 
 def test_presets_and_the_train_command_generate_shapesworld_and_train(tmp_path, capsys):
@@ -182,7 +185,10 @@ def test_presets_and_the_train_command_generate_shapesworld_and_train(tmp_path, 
     assert set(TRAIN_PRESETS) == {"shapes-tiny", "shapes-tiny-lite"}
     with pytest.raises(KeyError, match="unknown training preset"):
         preset_config("shapes-huge")
-    assert preset_config("shapes-tiny").vision_pretrain_steps > 0, "the embedded recipe starts with stage 0"
+    assert preset_config("shapes-tiny-lite").vision_pretrain_steps > 0, "the from-scratch recipe starts with stage 0"
+    tiny = preset_config("shapes-tiny")
+    assert (tiny.framework, tiny.weights_from, tiny.steps) == ("vision_object", "shapes-tiny-lite", 0)
+    assert tiny.media_stages, "shapes-tiny starts from Lite's weights and has frozen-media stages of its own"
     out = tmp_path / "cli"
     # here the encoder stage 0 made keeps training in the main stage, on data with image multiple choice
     overrides = dict(tiny_overrides(), freeze_vision_encoder=False)
@@ -205,7 +211,7 @@ def test_presets_and_the_train_command_generate_shapesworld_and_train(tmp_path, 
              if not torch.equal(tensor, final[f"model.vision_model.{name}"])]
     assert len(moved) > len(after_stage_0) // 2
     # the LLM stage alone (no main step): a model to measure with `benchmarks/text_choice.py --model`
-    code = main(["train", "--preset", "shapes-tiny", "--set", f"output_dir={tmp_path / 'llm-only'}", "--set",
+    code = main(["train", "--preset", "shapes-tiny-lite", "--set", f"output_dir={tmp_path / 'llm-only'}", "--set",
                  "steps=0", "--set", "vision_pretrain_steps=0", "--set", "llm_pretrain_steps=2", "--set",
                  "batch_size=2", "--set", 'shapesworld={"seed": 1, "num_images": 6, "num_videos": 2}',
                  "--set", "llm_pretrain_batch_size=2", "--set", "text_choice_records=0", "--set", "task_weights={}",
@@ -339,6 +345,57 @@ def test_vision_encoder_from_an_embedded_model(tmp_path):
     narrow = dict(tiny_overrides(), vision_config=dict(donor.config.vision_config.to_dict(), hidden_size=32))
     with pytest.raises(ValueError, match=r"vision encoder differs from the model's in \[.*hidden_size"):
         Trainer(config(tmp_path, "bad", vision_encoder_from="shapes-tiny", model_overrides=narrow), samples())
+
+
+def test_weights_from_another_framework(tmp_path, monkeypatch):
+    import pixelrefer
+
+    lite, _ = pixelrefer.load("shapes-tiny-lite")
+    trainer = Trainer(config(tmp_path, "vo", weights_from="shapes-tiny-lite", framework="vision_object",
+                             model_overrides={}, steps=1, lr_vision_encoder=1e-4), samples())
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    assert not model.config.is_lite and model.config.object_time_embedding, "the donor's architecture, VO framework"
+    assert (model.config.downscale_threshold, model.config.position_init_std) == (50, 3.0)
+    donor = lite.state_dict()
+    assert all(torch.equal(v, donor[k]) for k, v in model.state_dict().items()), "every tensor is the donor's"
+    infusion = sorted(k for k in donor if ".infusion." in k)
+    assert infusion and trainer.weights_copied == dict(kept=[], left_out=infusion), "only Lite's infusion stays out"
+    saved = trainer.output / "saved"
+    trainer.save_model(saved)
+    again, _ = pixelrefer.load(saved)
+    assert not again.config.is_lite and again.config.object_time_embedding
+
+    from pixelrefer.training import architecture_of
+
+    fresh = Trainer(config(tmp_path, "fresh", framework="object_only", model_overrides=architecture_of("shapes-tiny"),
+                           steps=1, lr_vision_encoder=1e-4), samples())
+    fresh_state = fresh.accelerator.unwrap_model(fresh.model).state_dict()
+    with pytest.warns(UserWarning, match=r"has no \[.*infusion.*keep their initialisation"):
+        back = Trainer(config(tmp_path, "lite", weights_from="shapes-tiny", framework="object_only",
+                              model_overrides={}, steps=1, lr_vision_encoder=1e-4), samples())
+    vo, _ = pixelrefer.load("shapes-tiny")
+    state = back.accelerator.unwrap_model(back.model).state_dict()
+    assert back.weights_copied["kept"] == infusion and back.weights_copied["left_out"] == []
+    assert all(torch.equal(state[k], fresh_state[k]) for k in infusion), "the infusion keeps its seeded start"
+    assert all(torch.equal(state[k], v) for k, v in vo.state_dict().items())
+
+    with pytest.raises(ValueError, match=r"weights_from='shapes-tiny-lite': its text_config differs .*hidden_size"):
+        Trainer(config(tmp_path, "narrow", weights_from="shapes-tiny-lite"), samples())  # tiny_overrides win
+    with pytest.raises(ValueError, match=r"weights_from='nowhere' is neither an embedded model"):
+        Trainer(config(tmp_path, "nowhere", weights_from="nowhere", model_overrides={}), samples())
+    with pytest.raises(ValueError, match=r"but model=.* is a checkpoint already"):
+        Trainer(config(tmp_path, "both", model=str(saved), weights_from="shapes-tiny-lite"), samples())
+
+    def odd(source, **kwargs):  # no config makes a shared tensor another shape; a hand-edited checkpoint can
+        donor, processor = pixelrefer.load(source, **kwargs)
+        if source == "shapes-tiny-lite":
+            donor.model.object_tokenizer.time_embedding.proj = torch.nn.Linear(3, 128, bias=False)
+        return donor, processor
+
+    monkeypatch.setattr("pixelrefer.training.load", odd)
+    with pytest.raises(ValueError, match=r"tensors of other shapes: \[.*time_embedding.proj.weight \(128, 3\) -> "):
+        Trainer(config(tmp_path, "odd", weights_from="shapes-tiny-lite", framework="vision_object",
+                       model_overrides={}, steps=1, lr_vision_encoder=1e-4), samples())
 
 
 def test_workers_encode_ahead_with_the_same_batches_and_skips(tmp_path):
