@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from pixelrefer.errors import InputError
-from pixelrefer.option_order import OptionTokens, lettered_questions, shuffle_options
+from pixelrefer.option_order import OptionTokens, drill_letter, lettered_questions, shuffle_options
 from pixelrefer.stage_checkpoint import StageCheckpoint
 
 LLM_PREFIXES = ("model.language_model.", "lm_head.")
@@ -287,10 +287,36 @@ def cached_embeds(model, batch: dict[str, Tensor]) -> Tensor:
     return inner.scatter_object_tokens(input_ids, embeds, ObjectFeatures(tokens=tokens, valid=valid))
 
 
-def cached_loss(model, batch: dict[str, Tensor]) -> Tensor:
-    """The model's loss on a collated batch: token embeddings with the cached media in their slots."""
-    return model(inputs_embeds=cached_embeds(model, batch), attention_mask=batch["attention_mask"],
-                 labels=batch["labels"]).loss
+def cached_loss(model, batch: dict[str, Tensor], weights: Tensor | None = None) -> Tensor:
+    """The model's loss on a collated batch: token embeddings with the cached media in their slots.
+
+    `weights` (B, L), one per label (`answer_letter_weights`), makes it the weighted mean of the supervised
+    tokens' cross-entropies; None is the model's own loss (their plain mean)."""
+    embeds = cached_embeds(model, batch)
+    if weights is None:
+        return model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    logits = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]  # position j predicts token j + 1
+    losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                               ignore_index=-100, reduction="none")
+    weights = weights[:, 1:].flatten() * (labels.flatten() != -100)
+    return (losses * weights).sum() / weights.sum()
+
+
+def answer_letter_weights(labels: Tensor, tokens: OptionTokens, weight: float) -> Tensor:
+    """(B, L) loss weights for `labels` (B, L): `weight` on each supervised answer letter (the token of a
+    labelled "(X)" run, as `tokens` writes it, where the letters differ: "B" of "( B )"), 1 elsewhere."""
+    runs = torch.tensor(tokens.letters, device=labels.device)  # (letters, width)
+    width = runs.shape[1]
+    varying = [k for k in range(width) if len(set(runs[:, k].tolist())) > 1]
+    weights = torch.ones(labels.shape, dtype=torch.float32, device=labels.device)
+    if labels.shape[1] < width:
+        return weights
+    windows = labels.unfold(1, width, 1)  # (B, L - width + 1, width)
+    starts = (windows[:, :, None, :] == runs[None, None]).all(-1).any(-1)  # (B, L - width + 1)
+    for k in varying:
+        weights[:, k:k + starts.shape[1]][starts] = weight
+    return weights
 
 
 @torch.no_grad()
@@ -345,13 +371,30 @@ def weighted_indices(records: Sequence[CachedRecord], task_weights: dict[str, in
     return pool
 
 
+def _dealt(record: CachedRecord, questions, rng: np.random.Generator, option_tokens: OptionTokens | None,
+           letter_drill: float, letter_tokens: OptionTokens | None) -> CachedRecord:
+    """A drawn record as a step sees it: its options dealt anew (`option_tokens`), then, with probability
+    `letter_drill` for a record of one lettered question, drilled (`drill_letter`)."""
+    if not questions:
+        return record
+    if option_tokens is not None:
+        record = shuffle_options(record, option_tokens, rng, questions)
+    if letter_drill and len(questions) == 1 and rng.random() < letter_drill:
+        if option_tokens is not None:  # dealt anew: its options sit elsewhere now
+            questions = lettered_questions(record.input_ids.tolist(), record.labels.tolist(), letter_tokens,
+                                           record.attention_mask.tolist())
+        record = drill_letter(record, letter_tokens, rng, questions[0])
+    return record
+
+
 def train_on_cached_media(model, records: Sequence[CachedRecord], *, steps: int, lr: float, batch_size: int,
                           seed: int = 0, warmup_ratio: float = 0.03, task_weights: dict[str, int] | None = None,
                           autocast: Callable = contextlib.nullcontext,
                           callback: Callable[[int, float], None] | None = None,
                           object_mlp_lr: float | None = None, projector_lr: float | None = None,
                           checkpoint: StageCheckpoint | None = None,
-                          option_tokens: OptionTokens | None = None) -> list[float]:
+                          option_tokens: OptionTokens | None = None, letter_weight: float = 1.0,
+                          letter_tokens: OptionTokens | None = None, letter_drill: float = 0.0) -> list[float]:
     """Train the LLM (embeddings, layers, head) on cached records; returns the per-step losses.
 
     Each step draws `batch_size` records with replacement from the task-weighted pool (seeded by `seed`).
@@ -361,15 +404,26 @@ def train_on_cached_media(model, records: Sequence[CachedRecord], *, steps: int,
     (`pixelrefer.stage_checkpoint`) saves what trains, the optimizer and the sampler every few steps and
     continues from its last save. `option_tokens` (`pixelrefer.option_order`) deals every drawn lettered
     question's options to the letters in a new order (from the sampler's generator), the answer's letter moving
-    with its text.
+    with its text. `letter_weight` weighs each answer's letter that much in the loss (`answer_letter_weights`,
+    letters as `letter_tokens` writes them, required then), every other supervised token once. `letter_drill`
+    is the share of drawn records with one lettered question, answered option first, that are asked with an
+    option drawn at random written as the answer and only its letter supervised (`option_order.drill_letter`,
+    after any dealing anew; letters as `letter_tokens` writes them).
     """
     if not records:
         raise ValueError("no cached records to train on")
+    if (letter_weight != 1.0 or letter_drill) and letter_tokens is None:
+        raise ValueError(f"letter_weight {letter_weight} / letter_drill {letter_drill} need the answer letters: "
+                         "give letter_tokens to find them")
     questions = {}
-    if option_tokens is not None:
+    finder = option_tokens if option_tokens is not None else letter_tokens if letter_drill else None
+    if finder is not None:
         questions = {i: found for i, r in enumerate(records)
-                     if (found := lettered_questions(r.input_ids.tolist(), r.labels.tolist(), option_tokens,
+                     if (found := lettered_questions(r.input_ids.tolist(), r.labels.tolist(), finder,
                                                      r.attention_mask.tolist()))}
+    if letter_drill and not any(len(found) == 1 for found in questions.values()):
+        raise ValueError(f"letter_drill: none of the {len(records)} records has one lettered question to drill")
+    if option_tokens is not None:
         if not questions:
             raise ValueError(f"shuffle_options: none of the {len(records)} records has a lettered question whose "
                              f"options can be reordered (\"(A)\" … as {option_tokens.letters[0]}, then the "
@@ -407,11 +461,13 @@ def train_on_cached_media(model, records: Sequence[CachedRecord], *, steps: int,
     model.train()
     for step in tqdm(range(start + 1, steps + 1), initial=start, total=steps, desc="frozen-media stage"):
         drawn = [pool[i] for i in rng.integers(0, len(pool), size=batch_size)]
-        chosen = [shuffle_options(records[i], option_tokens, rng, questions[i]) if i in questions else records[i]
+        chosen = [_dealt(records[i], questions.get(i), rng, option_tokens, letter_drill, letter_tokens)
                   for i in drawn]
         batch = {k: v.to(device) for k, v in collate_cached(chosen, pad).items()}
+        weights = None if letter_weight == 1.0 else answer_letter_weights(batch["labels"], letter_tokens,
+                                                                          letter_weight)
         with autocast():
-            loss = cached_loss(model, batch)
+            loss = cached_loss(model, batch, weights)
         model.zero_grad(set_to_none=True)  # also what reached modules the optimizer does not train
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)

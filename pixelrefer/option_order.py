@@ -138,3 +138,47 @@ def shuffle_options(record, tokens: OptionTokens, rng: np.random.Generator,
     answered = labels != -100
     labels[answered] = input_ids[answered]
     return dataclasses.replace(record, input_ids=input_ids, labels=labels)
+
+
+def answer_text_span(input_ids: Sequence[int], labels: Sequence[int], question: LetteredQuestion,
+                     tokens: OptionTokens) -> tuple[int, int] | None:
+    """Where an option-first answer's text is: (start, stop) of the supervised tokens before the answer's "(X)",
+    when they are, token for token, the text of the option that letter names; None for any other answer (a
+    letter-first one, or text that is not its option's)."""
+    width = len(tokens.letters[0])
+    start = question.answer
+    while start > question.end and labels[start - 1] != -100:
+        start -= 1
+    bounds = [*question.markers, question.end]
+    k = question.answer_index
+    option = list(input_ids[bounds[k] + width:bounds[k + 1]])
+    text = list(input_ids[start:question.answer])
+    return (start, question.answer) if text and text == option else None
+
+
+def drill_letter(record, tokens: OptionTokens, rng: np.random.Generator, question: LetteredQuestion):
+    """A copy of cached `record` whose option-first answer names another option: the text of an option drawn
+    from `rng` (any of them, the right one included), then that option's letter. The text is not supervised
+    (it may be wrong), the letter and what follows it are: the step from a written text to its letter, on the
+    record's own prompt, for every option alike. The sequence changes length with the text (the media slots,
+    all before the answer, keep their places). A record whose answer is not its option's text, written option
+    first (`answer_text_span`), is returned as it is, drawing nothing."""
+    ids, labels = record.input_ids.tolist(), record.labels.tolist()
+    span = answer_text_span(ids, labels, question, tokens)
+    if span is None:
+        return record
+    start, stop = span
+    width = len(tokens.letters[0])
+    k = int(rng.integers(len(question.markers)))
+    bounds = [*question.markers, question.end]
+    text = ids[bounds[k] + width:bounds[k + 1]]
+    letter = list(tokens.letters[k])
+    after = stop + width
+    mask = record.attention_mask.tolist()
+    new_ids = ids[:start] + text + letter + ids[after:]
+    new_labels = [-100] * (start + len(text)) + letter + labels[after:]
+    new_mask = mask[:start] + [1] * (len(text) + width) + mask[after:]
+    return dataclasses.replace(
+        record, input_ids=torch.tensor(new_ids, dtype=record.input_ids.dtype),
+        labels=torch.tensor(new_labels, dtype=record.labels.dtype),
+        attention_mask=torch.tensor(new_mask, dtype=record.attention_mask.dtype))

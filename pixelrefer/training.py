@@ -181,7 +181,9 @@ class MediaStage:
     (`PixelReferConfig.object_time_embedding`, the paper's timestamp embeddings) before the tokens are cached, its
     vectors starting at that mean norm (seeded by `seed`); it trains with the object MLP, so it needs `object_mlp_lr`.
     `language_layers` appends that many decoder layers to the LLM at this stage, each starting as the identity
-    (`pixelrefer.modeling.depth.add_language_layers`, seeded by `seed`), trained with the LLM.
+    (`pixelrefer.modeling.depth.add_language_layers`, seeded by `seed`), trained with the LLM. `attention_heads`
+    (0: as they are) gives every LLM attention layer that many query heads, each with its own key/value head, the
+    old heads unchanged and the new ones silent at the start (`pixelrefer.modeling.depth.widen_attention`).
     `text_choice_records` mixes that many text-only lettered questions (`data.text_tasks`, task "text_choice",
     their own stream for each stage) into the stage's records, answered option first when the stage's
     ShapesWorld is (`option_first`): the step from a written answer to its letter, practised where it is cheap.
@@ -190,6 +192,11 @@ class MediaStage:
     `shuffle_options` deals each drawn lettered question's options to the letters in a new order, its answer's
     letter moving with its text (`pixelrefer.option_order`): the letter of an answer is practised on every
     record's own prompt many times over, where repeating a record would teach its one letter.
+    `letter_weight` weighs each answer's letter that many times in the loss (the mean over supervised tokens
+    otherwise counts it once among the answer's words): the step from an answer to its letter gets more of
+    each step's gradient. `letter_drill` asks that share of the drawn questions (one lettered question a record,
+    answered option first) with a random option's text written as the answer and only its letter supervised
+    (`pixelrefer.option_order.drill_letter`): the letter must come from the text written, not from the media.
     """
 
     steps: int
@@ -210,6 +217,9 @@ class MediaStage:
     text_choice_records: int = 0
     text_choice_context: int = 0
     shuffle_options: bool = False
+    letter_weight: float = 1.0
+    letter_drill: float = 0.0
+    attention_heads: int = 0
 
     @classmethod
     def parse(cls, spec: dict, index: int) -> "MediaStage":
@@ -230,7 +240,8 @@ class MediaStage:
             value = getattr(stage, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
                 raise ValueError(f"{where}: {name} must be a positive number or None, got {value!r}")
-        for name in ("vision_steps", "vision_batch_size", "language_layers", "text_choice_records"):
+        for name in ("vision_steps", "vision_batch_size", "language_layers", "text_choice_records",
+                     "attention_heads"):
             value = getattr(stage, name)
             least = 1 if name == "vision_batch_size" else 0
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -244,6 +255,13 @@ class MediaStage:
                              f"got {context!r}")
         if not isinstance(stage.shuffle_options, bool):
             raise ValueError(f"{where}: shuffle_options must be true or false, got {stage.shuffle_options!r}")
+        weight = stage.letter_weight
+        if isinstance(weight, bool) or not (isinstance(weight, (int, float)) and weight > 0):
+            raise ValueError(f"{where}: letter_weight must be a positive number, got {weight!r}")
+        drill = stage.letter_drill
+        if isinstance(drill, bool) or not (isinstance(drill, (int, float)) and 0 <= drill <= 1):
+            raise ValueError(f"{where}: letter_drill is a share of the drawn lettered questions, from 0 to 1, "
+                             f"got {drill!r}")
         if context and not stage.text_choice_records:
             raise ValueError(f"{where}: text_choice_context is the context of its text_choice_records: set those")
         if not (isinstance(stage.vision_lr, (int, float)) and stage.vision_lr > 0):
@@ -1001,6 +1019,8 @@ class Trainer:
             self._add_time_embedding(model, index)
         if stage.language_layers:
             self._add_language_layers(model, stage.language_layers)
+        if stage.attention_heads:
+            self._widen_attention(model, stage.attention_heads)
         if stage.object_mlp_lr is not None:
             prefixes += (OBJECT_MLP, OBJECT_TIME)
         if stage.projector_lr is not None:
@@ -1034,12 +1054,15 @@ class Trainer:
             records = cache_media(model, self.processor, self.media_stage_samples(index),
                                   progress=acc.is_main_process, objects=stage.object_mlp_lr is not None,
                                   vision=stage.projector_lr is not None)
+            lettered = stage.shuffle_options or stage.letter_weight != 1.0 or stage.letter_drill
+            option_tokens = (OptionTokens.of(self.processor.tokenizer, media_token_ids(model.config))
+                             if lettered else None)
             return train_on_cached_media(
                 model, records, steps=stage.steps, lr=stage.lr, batch_size=stage.batch_size, seed=cfg.seed,
                 warmup_ratio=cfg.warmup_ratio, task_weights=stage.task_weights, autocast=autocast,
                 object_mlp_lr=stage.object_mlp_lr, projector_lr=stage.projector_lr, callback=_named(callback, name),
-                option_tokens=OptionTokens.of(self.processor.tokenizer, media_token_ids(model.config))
-                if stage.shuffle_options else None,
+                option_tokens=option_tokens if stage.shuffle_options else None,
+                letter_weight=stage.letter_weight, letter_tokens=option_tokens, letter_drill=stage.letter_drill,
                 checkpoint=self.stage_checkpoint(name, settings=dataclasses.asdict(stage),
                                                  before=[dataclasses.asdict(s) for s in cfg.frozen_media_stages()[:index]]))
 
@@ -1056,6 +1079,15 @@ class Trainer:
         saved.num_hidden_layers = text.num_hidden_layers
         if getattr(text, "layer_types", None) is not None:
             saved.layer_types = list(text.layer_types)
+
+    def _widen_attention(self, model, heads: int) -> None:
+        """`widen_attention` on `model`'s LLM; the processor's config says so too (as `_add_language_layers`)."""
+        from pixelrefer.modeling.depth import widen_attention
+
+        widen_attention(model, heads, seed=self.config.seed)
+        text, saved = model.config.text_config, self.processor.config.text_config
+        saved.num_attention_heads, saved.num_key_value_heads = text.num_attention_heads, text.num_key_value_heads
+        saved.head_dim = text.head_dim
 
     def _add_time_embedding(self, model, index: int) -> None:
         """Give `model` its object time embedding (zero until the stage starts it), for media stage `index`; the

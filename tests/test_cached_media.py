@@ -239,3 +239,42 @@ def test_choice_letters_teacher_forced_are_the_generated_letters(tmp_path, name,
     same = [i for i, t in enumerate(text) if t]
     assert len(questions) >= 20 and len(same) >= 15, (len(questions), len(same))
     assert [forced[i] for i in same] == [generated[i] for i in same]
+
+
+@pytest.mark.parametrize("option_first", [False, True])
+def test_answer_letters_weighed_in_the_loss(tmp_path, option_first):
+    """`letter_weight`: weight 1 everywhere is the model's own loss; weight w is the mean with each answer
+    letter counted w times, the letter found in either answer order and nowhere in the prompt."""
+    from pixelrefer.cached_media import answer_letter_weights, cached_embeds
+    from pixelrefer.data import generate_shapesworld, load_annotations
+    from pixelrefer.option_order import OptionTokens
+
+    paths = generate_shapesworld(tmp_path, seed=5, num_images=1, num_videos=1, splits=(1.0, 0.0, 0.0),
+                                 option_first=option_first)
+    samples = [s for s in load_annotations(paths["train"], tmp_path) if s.task in ("multiple_choice", "category")]
+    model, processor = build("object_only")
+    records = cache_media(model, processor, samples, progress=False)
+    tokens = OptionTokens.of(processor.tokenizer, media_token_ids(model.config))
+    batch = collate_cached(records, model.config.text_config.pad_token_id)
+    labels = batch["labels"]
+    weights = answer_letter_weights(labels, tokens, 5.0)
+    letters = {run[1] for run in tokens.letters}
+    heavy = weights == 5.0
+    # exactly one weighted token per multiple-choice answer: its letter, supervised, after a supervised "("
+    assert [int(heavy[b].sum()) for b in range(len(records))] == [int(s.task == "multiple_choice") for s in samples]
+    assert all(int(labels[b, j]) in letters and int(labels[b, j - 1]) == tokens.letters[0][0]
+               for b, j in heavy.nonzero().tolist())
+    assert not (weights[~heavy] != 1.0).any()
+    with torch.no_grad():
+        plain = cached_loss(model, batch)
+        torch.testing.assert_close(cached_loss(model, batch, torch.ones_like(weights)), plain)
+        logits = model(inputs_embeds=cached_embeds(model, batch), attention_mask=batch["attention_mask"]).logits
+    each = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100,
+                                             reduction="none")
+    supervised = labels[:, 1:] != -100
+    w = torch.where(heavy[:, 1:], 5.0, 1.0) * supervised
+    expected = (each * w).sum() / w.sum()
+    torch.testing.assert_close(cached_loss(model, batch, weights).detach(), expected)
+    assert not torch.isclose(expected, plain)
+    with pytest.raises(ValueError, match="letter_tokens"):
+        train_on_cached_media(model, records, steps=1, lr=1e-3, batch_size=2, letter_weight=3.0)

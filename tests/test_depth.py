@@ -104,3 +104,81 @@ def test_a_media_stage_adds_layers_saves_them_and_a_rerun_loads_them(tmp_path):
     assert again.media_stage(0) == [], "a finished stage is loaded with its layers"
     model = again.accelerator.unwrap_model(again.model)
     assert torch.equal(model.model.language_model.layers[added].self_attn.o_proj.weight, weight)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_widened_attention_leaves_the_outputs_and_the_generated_answers_unchanged(framework, shapes):
+    from pixelrefer.inference import predict
+    from pixelrefer.modeling.depth import widen_attention
+
+    model, processor = build(framework)
+    trained_a_little(model)
+    text = model.config.text_config
+    old, kv = text.num_attention_heads, text.num_key_value_heads
+    assert kv < old, "the tiny preset's query heads share key/value heads"
+    head_dim = text.hidden_size // old
+    batch = batch_of(processor, shapes)
+    attention = model.model.language_model.layers[0].self_attn
+    k_before = attention.k_proj.weight.clone()
+    with torch.no_grad():
+        before = model(**batch).logits
+    answers = [p.prediction for p in predict(model, processor, shapes[:2], max_new_tokens=5)]
+    assert widen_attention(model, old + 2, seed=1) == [old, old + 1]
+    assert (text.num_attention_heads, text.num_key_value_heads, text.head_dim) == (old + 2, old + 2, head_dim)
+    attention = model.model.language_model.layers[0].self_attn
+    assert attention.q_proj.weight.shape == attention.k_proj.weight.shape == ((old + 2) * head_dim, text.hidden_size)
+    assert attention.o_proj.weight.shape == (text.hidden_size, (old + 2) * head_dim)
+    group = old // kv
+    for head in range(old):  # each old head's own key head is a copy of the one it shared
+        shared = head // group
+        assert torch.equal(attention.k_proj.weight[head * head_dim:(head + 1) * head_dim],
+                           k_before[shared * head_dim:(shared + 1) * head_dim])
+    assert not attention.o_proj.weight[:, old * head_dim:].any(), "the new heads start silent"
+    assert attention.q_proj.weight[old * head_dim:].std() > 0 and attention.k_proj.weight[old * head_dim:].std() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, before, rtol=1e-5, atol=1e-5)
+    assert [p.prediction for p in predict(model, processor, shapes[:2], max_new_tokens=5)] == answers
+
+
+def test_ungrouped_heads_only_and_bad_head_counts_are_named(shapes):
+    from pixelrefer.modeling.depth import widen_attention
+
+    model, processor = build("object_only")
+    batch = batch_of(processor, shapes[:2])
+    with torch.no_grad():
+        before = model(**batch).logits
+    heads = model.config.text_config.num_attention_heads
+    assert widen_attention(model, heads) == [], "the key/value heads ungrouped, no query head added"
+    assert model.config.text_config.num_key_value_heads == heads
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, before, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="nothing to widen"):
+        widen_attention(model, heads)
+    for count in (heads - 1, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="attention heads must be an integer of at least"):
+            widen_attention(model, count)
+
+
+def test_a_media_stage_widens_attention_saves_it_and_a_rerun_loads_it(tmp_path, shapes):
+    from pixelrefer.modeling import PixelReferForConditionalGeneration
+    from pixelrefer.training import Trainer
+    from tests.test_training import config, samples
+
+    stages = [dict(steps=3, batch_size=2, lr=3e-3, attention_heads=6, shapesworld=dict(seed=4, num_images=2,
+                                                                                      num_videos=1))]
+    trainer = Trainer(config(tmp_path, "wide", steps=2, framework="object_only", media_stages=stages), samples())
+    trainer.run()
+    final = tmp_path / "wide" / "final"
+    text = json.loads((final / "config.json").read_text())["text_config"]
+    assert (text["num_attention_heads"], text["num_key_value_heads"]) == (6, 6)
+    model = trainer.accelerator.unwrap_model(trainer.model).eval()
+    weight = model.model.language_model.layers[0].self_attn.o_proj.weight
+    assert weight[:, 4 * text["head_dim"]:].any(), "the new heads trained"
+    loaded = PixelReferForConditionalGeneration.from_pretrained(final).eval()
+    batch = batch_of(trainer.processor, shapes[:1])
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+    again = Trainer(config(tmp_path, "wide", steps=2, framework="object_only", media_stages=stages), samples())
+    assert again.media_stage(0) == [], "a finished stage is loaded with its heads"
+    assert torch.equal(again.accelerator.unwrap_model(again.model).model.language_model.layers[0].self_attn
+                       .o_proj.weight, weight)

@@ -128,3 +128,71 @@ def test_a_tokenizer_writing_letters_unevenly_is_refused():
 
     with pytest.raises(ValueError, match="token runs of different lengths"):
         OptionTokens.of(Uneven())
+
+
+def drilled_conversation(conversation, k):
+    """The text-level reference of `drill_letter`: the answer to the (one) lettered question is option k's text,
+    then its letter."""
+    turns = [dict(t) for t in conversation]
+    number = next(i for i, t in enumerate(turns) if t["role"] == "user" and "\n(A) " in t["content"])
+    texts = [OPTION.match(line).group(2) for line in turns[number]["content"].split("\n") if OPTION.match(line)]
+    turns[number + 1]["content"] = f"{texts[k]} ({LETTERS[k]})"
+    return turns, texts[k]
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_a_drilled_letter_is_the_question_answered_with_that_option(framework, tmp_path):
+    from pixelrefer.option_order import answer_text_span, drill_letter
+
+    model, processor = build(framework)
+    samples, _ = lettered_samples(tmp_path, option_first=True)
+    tokens = OptionTokens.of(processor.tokenizer, media_token_ids(model.config))
+    videos = [s for s in samples[:2] if s.task == "multiple_choice"]
+    records = cache_media(model, processor, videos, progress=False)
+    pad = model.config.text_config.pad_token_id
+    drawn = set()
+    with torch.no_grad():
+        for sample, record in zip(videos, records):
+            question, = lettered_questions(record.input_ids.tolist(), record.labels.tolist(), tokens)
+            assert answer_text_span(record.input_ids.tolist(), record.labels.tolist(), question, tokens)
+            conversation, image, video, masks = sample.load_media()
+            for seed in range(4):
+                k = int(np.random.default_rng(seed).integers(len(question.markers)))
+                drilled = drill_letter(record, tokens, np.random.default_rng(seed), question)
+                expected, text = drilled_conversation(conversation, k)
+                batch = processor(text=[expected], images=[image], videos=[video], masks=[masks])
+                assert torch.equal(drilled.input_ids, batch["input_ids"][0]), (sample.where, seed)
+                labels = batch["labels"][0].clone()
+                start = int((labels != -100).nonzero()[0])
+                written = len(processor.tokenizer.encode(text, add_special_tokens=False))
+                labels[start:start + written] = -100  # the text written is not supervised, its letter is
+                assert torch.equal(drilled.labels, labels), (sample.where, seed)
+                assert drilled.labels[start + written + 1] == tokens.letters[k][1]
+                batch["labels"] = labels[None]
+                assert torch.equal(model(**batch).loss, cached_loss(model, collate_cached([drilled], pad)))
+                drawn.add(k)
+    assert len(drawn) >= 2
+
+
+def test_letter_first_answers_are_not_drilled_and_training_drills(tmp_path):
+    from pixelrefer.option_order import drill_letter
+
+    model, processor = build("object_only")
+    tokens = OptionTokens.of(processor.tokenizer, media_token_ids(model.config))
+    first, plain = lettered_samples(tmp_path / "first", option_first=False)
+    record = cache_media(model, processor, first[:1], progress=False)[0]
+    question, = lettered_questions(record.input_ids.tolist(), record.labels.tolist(), tokens)
+    rng = np.random.default_rng(0)
+    state = rng.bit_generator.state
+    assert drill_letter(record, tokens, rng, question) is record and rng.bit_generator.state == state
+    samples, plain = lettered_samples(tmp_path / "second", option_first=True)
+    records = cache_media(model, processor, samples + plain, progress=False)
+    for shuffle in (None, tokens):
+        losses = train_on_cached_media(model, records, steps=2, lr=1e-3, batch_size=4, option_tokens=shuffle,
+                                       letter_drill=1.0, letter_tokens=tokens)
+        assert len(losses) == 2 and all(np.isfinite(losses))
+    with pytest.raises(ValueError, match="letter_drill: none of the 1 records has one lettered question"):
+        train_on_cached_media(model, records[-1:], steps=1, lr=1e-3, batch_size=1, letter_drill=0.5,
+                              letter_tokens=tokens)
+    with pytest.raises(ValueError, match="need the answer letters"):
+        train_on_cached_media(model, records, steps=1, lr=1e-3, batch_size=1, letter_drill=0.5)

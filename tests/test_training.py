@@ -741,6 +741,10 @@ def test_a_media_stage_can_continue_stage0_first_and_saves_the_encoder(tmp_path)
      "text_choice_context must be an integer from 0 to 12"),
     (dict(steps=1, text_choice_context=3), "text_choice_context is the context of its text_choice_records"),
     (dict(steps=1, shuffle_options="yes"), "shuffle_options must be true or false"),
+    (dict(steps=1, letter_weight=0), "letter_weight must be a positive number"),
+    (dict(steps=1, letter_weight=True), "letter_weight must be a positive number"),
+    (dict(steps=1, letter_drill=1.5), "letter_drill is a share of the drawn lettered questions"),
+    (dict(steps=1, attention_heads=-1), "attention_heads must be a non-negative integer"),
     (dict(steps=1, vision_lr=0), "vision_lr must be a positive number"),
 ])
 def test_bad_vision_fields_of_a_media_stage_are_named(spec, message):
