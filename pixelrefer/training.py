@@ -398,8 +398,10 @@ SHUFFLE_STAGE = dict(steps=600, lr=3e-4, batch_size=32, mixed_precision="bf16", 
 TRANSFER_STAGE = dict(SHUFFLE_STAGE, projector_lr=1e-3,
                       task_weights=dict(SHUFFLE_STAGE["task_weights"], category=4),
                       shapesworld=dict(SHUFFLE_STAGE["shapesworld"], seed=25, num_images=300))
-# Then the same again on seed 26: validation letters (150 questions) 59.3 -> 69.3 % at its step 600.
-TRANSFER_STAGES = [TRANSFER_STAGE, dict(TRANSFER_STAGE, shapesworld=dict(TRANSFER_STAGE["shapesworld"], seed=26))]
+# Then the same again on seed 26: validation letters (150 questions) 59.3 -> 69.3 % at its step 600; and on seed 27
+# (v17): validation letters (295) 61.7 -> 65.4 %, categories 92.0 % before and after.
+TRANSFER_STAGES = [dict(TRANSFER_STAGE, shapesworld=dict(TRANSFER_STAGE["shapesworld"], seed=seed))
+                   for seed in (25, 26, 27)]
 
 # shapes-tiny-lite, the from-scratch recipe. The tiny model has no pretrained vision encoder, so stage 0 trains it on
 # object categories and colours first (standing in for SigLIP's pretraining), and it then trains along at 2e-4 (the
