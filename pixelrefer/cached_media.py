@@ -394,7 +394,9 @@ def train_on_cached_media(model, records: Sequence[CachedRecord], *, steps: int,
                           object_mlp_lr: float | None = None, projector_lr: float | None = None,
                           checkpoint: StageCheckpoint | None = None,
                           option_tokens: OptionTokens | None = None, letter_weight: float = 1.0,
-                          letter_tokens: OptionTokens | None = None, letter_drill: float = 0.0) -> list[float]:
+                          letter_tokens: OptionTokens | None = None, letter_drill: float = 0.0,
+                          fresh: dict[torch.nn.Parameter, Tensor] | None = None,
+                          fresh_lr: float | None = None) -> list[float]:
     """Train the LLM (embeddings, layers, head) on cached records; returns the per-step losses.
 
     Each step draws `batch_size` records with replacement from the task-weighted pool (seeded by `seed`).
@@ -409,6 +411,10 @@ def train_on_cached_media(model, records: Sequence[CachedRecord], *, steps: int,
     is the share of drawn records with one lettered question, answered option first, that are asked with an
     option drawn at random written as the answer and only its letter supervised (`option_order.drill_letter`,
     after any dealing anew; letters as `letter_tokens` writes them).
+    `fresh` maps trained parameters to bool masks of entries a stage added (`modeling.depth.added_parameters`,
+    `new_head_entries`); with `fresh_lr` those entries train at that rate, under the same schedule: each step's
+    change to them is scaled by fresh_lr / lr after the optimizer's step (AdamW's update, weight decay included,
+    is proportional to the rate), so they move as fast as a parameter group of their own would.
     """
     if not records:
         raise ValueError("no cached records to train on")
@@ -451,6 +457,15 @@ def train_on_cached_media(model, records: Sequence[CachedRecord], *, steps: int,
         raise ValueError("projector_lr trains the image projector, but no record has image or video tokens "
                          "(an object-only model sends none to its LLM)")
     parameters = [p for group in groups for p in group["params"]]
+    if fresh_lr is not None:
+        if not (isinstance(fresh_lr, (int, float)) and fresh_lr > 0):
+            raise ValueError(f"fresh_lr must be a positive number, got {fresh_lr!r}")
+        if not fresh:
+            raise ValueError("fresh_lr is the rate of the entries a stage added: give them as fresh")
+        trained_ids = {id(p) for p in groups[0]["params"]}
+        if any(id(p) not in trained_ids for p in fresh):
+            raise ValueError("fresh: every parameter with added entries must be one of the LLM's, trained at lr")
+    scale = [] if fresh_lr is None else [(p, mask, fresh_lr / lr) for p, mask in fresh.items()]
     optimizer = torch.optim.AdamW(groups, lr=lr)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * steps), steps)
     pad = model.config.text_config.pad_token_id
@@ -471,7 +486,11 @@ def train_on_cached_media(model, records: Sequence[CachedRecord], *, steps: int,
         model.zero_grad(set_to_none=True)  # also what reached modules the optimizer does not train
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        before = [p.detach().clone() for p, _, _ in scale]
         optimizer.step()
+        with torch.no_grad():
+            for (p, mask, factor), old in zip(scale, before):
+                p.copy_(torch.where(mask, old + (p - old) * factor, p))
         scheduler.step()
         losses.append(loss.item())
         if checkpoint and checkpoint.due(step, steps):

@@ -197,6 +197,9 @@ class MediaStage:
     each step's gradient. `letter_drill` asks that share of the drawn questions (one lettered question a record,
     answered option first) with a random option's text written as the answer and only its letter supervised
     (`pixelrefer.option_order.drill_letter`): the letter must come from the text written, not from the media.
+    `new_lr` trains what this stage adds (`language_layers`' layers, `attention_heads`' new heads) at that rate
+    instead of the LLM's `lr` (`cached_media.train_on_cached_media(fresh_lr=...)`): zero-start output weights
+    moving at the old layers' rate hardly speak after a stage.
     """
 
     steps: int
@@ -220,6 +223,7 @@ class MediaStage:
     letter_weight: float = 1.0
     letter_drill: float = 0.0
     attention_heads: int = 0
+    new_lr: float | None = None
 
     @classmethod
     def parse(cls, spec: dict, index: int) -> "MediaStage":
@@ -262,6 +266,12 @@ class MediaStage:
         if isinstance(drill, bool) or not (isinstance(drill, (int, float)) and 0 <= drill <= 1):
             raise ValueError(f"{where}: letter_drill is a share of the drawn lettered questions, from 0 to 1, "
                              f"got {drill!r}")
+        if stage.new_lr is not None:
+            if isinstance(stage.new_lr, bool) or not (isinstance(stage.new_lr, (int, float)) and stage.new_lr > 0):
+                raise ValueError(f"{where}: new_lr must be a positive number or None, got {stage.new_lr!r}")
+            if not (stage.language_layers or stage.attention_heads):
+                raise ValueError(f"{where}: new_lr is the rate of what the stage adds: set language_layers or "
+                                 "attention_heads")
         if context and not stage.text_choice_records:
             raise ValueError(f"{where}: text_choice_context is the context of its text_choice_records: set those")
         if not (isinstance(stage.vision_lr, (int, float)) and stage.vision_lr > 0):
@@ -1019,10 +1029,13 @@ class Trainer:
                                  "which this model does not use")
         if stage.object_time_embedding is not None:
             self._add_time_embedding(model, index)
-        if stage.language_layers:
-            self._add_language_layers(model, stage.language_layers)
-        if stage.attention_heads:
-            self._widen_attention(model, stage.attention_heads)
+        layers = self._add_language_layers(model, stage.language_layers) if stage.language_layers else []
+        heads = self._widen_attention(model, stage.attention_heads) if stage.attention_heads else []
+        fresh = {}
+        if stage.new_lr is not None:  # after both: widening replaces the new layers' projections too
+            from pixelrefer.modeling.depth import added_parameters, new_head_entries
+
+            fresh = {**(new_head_entries(model, heads) if heads else {}), **added_parameters(model, layers)}
         if stage.object_mlp_lr is not None:
             prefixes += (OBJECT_MLP, OBJECT_TIME)
         if stage.projector_lr is not None:
@@ -1065,31 +1078,35 @@ class Trainer:
                 object_mlp_lr=stage.object_mlp_lr, projector_lr=stage.projector_lr, callback=_named(callback, name),
                 option_tokens=option_tokens if stage.shuffle_options else None,
                 letter_weight=stage.letter_weight, letter_tokens=option_tokens, letter_drill=stage.letter_drill,
+                fresh=fresh if stage.new_lr is not None else None, fresh_lr=stage.new_lr,
                 checkpoint=self.stage_checkpoint(name, settings=dataclasses.asdict(stage),
                                                  before=[dataclasses.asdict(s) for s in cfg.frozen_media_stages()[:index]]))
 
         return self._saved_stage(MediaStage.folder(index), "language_model.safetensors", model, fit,
                                  prefixes=prefixes)
 
-    def _add_language_layers(self, model, count: int) -> None:
+    def _add_language_layers(self, model, count: int) -> list[int]:
         """Append `count` identity-start decoder layers to `model`'s LLM; the processor's config says so too (it
-        writes the config.json a saved model is loaded from)."""
+        writes the config.json a saved model is loaded from). Returns their indices."""
         from pixelrefer.modeling.depth import add_language_layers
 
-        add_language_layers(model, count, seed=self.config.seed)
+        added = add_language_layers(model, count, seed=self.config.seed)
         text, saved = model.config.text_config, self.processor.config.text_config
         saved.num_hidden_layers = text.num_hidden_layers
         if getattr(text, "layer_types", None) is not None:
             saved.layer_types = list(text.layer_types)
+        return added
 
-    def _widen_attention(self, model, heads: int) -> None:
-        """`widen_attention` on `model`'s LLM; the processor's config says so too (as `_add_language_layers`)."""
+    def _widen_attention(self, model, heads: int) -> list[int]:
+        """`widen_attention` on `model`'s LLM; the processor's config says so too (as `_add_language_layers`).
+        Returns the new query heads' indices."""
         from pixelrefer.modeling.depth import widen_attention
 
-        widen_attention(model, heads, seed=self.config.seed)
+        added = widen_attention(model, heads, seed=self.config.seed)
         text, saved = model.config.text_config, self.processor.config.text_config
         saved.num_attention_heads, saved.num_key_value_heads = text.num_attention_heads, text.num_key_value_heads
         saved.head_dim = text.head_dim
+        return added
 
     def _add_time_embedding(self, model, index: int) -> None:
         """Give `model` its object time embedding (zero until the stage starts it), for media stage `index`; the

@@ -182,3 +182,102 @@ def test_a_media_stage_widens_attention_saves_it_and_a_rerun_loads_it(tmp_path, 
     assert again.media_stage(0) == [], "a finished stage is loaded with its heads"
     assert torch.equal(again.accelerator.unwrap_model(again.model).model.language_model.layers[0].self_attn
                        .o_proj.weight, weight)
+
+
+def test_new_head_entries_mark_exactly_the_new_heads_rows_and_columns():
+    from pixelrefer.modeling.depth import new_head_entries, widen_attention
+
+    model, _ = build("object_only")
+    text = model.config.text_config
+    old = text.num_attention_heads
+    with pytest.raises(ValueError, match="not query heads of a widened attention"):
+        new_head_entries(model, [0])  # grouped key/value heads: not widened yet
+    added = widen_attention(model, old + 2)
+    entries = new_head_entries(model, added)
+    head_dim = text.head_dim
+    for layer in model.model.language_model.layers:
+        attention = layer.self_attn
+        for name in ("q_proj", "k_proj", "v_proj"):
+            mask = entries[getattr(attention, name).weight]
+            assert mask[old * head_dim:].all() and not mask[: old * head_dim].any(), name
+        mask = entries[attention.o_proj.weight]
+        assert mask[:, old * head_dim:].all() and not mask[:, : old * head_dim].any()
+    assert len(entries) == len(model.model.language_model.layers) * (4 + (attention.q_proj.bias is not None) * 3)
+    with pytest.raises(ValueError, match="not query heads"):
+        new_head_entries(model, [old + 2])
+
+
+def test_fresh_entries_move_at_their_own_rate_and_the_rest_as_before(shapes):
+    """One AdamW step with fresh_lr = 10 × lr: the new heads' entries move ten times as far as in the same step
+    without it, every other weight exactly as far."""
+    from pixelrefer.cached_media import cache_media, train_on_cached_media
+    from pixelrefer.modeling.depth import new_head_entries, widen_attention
+
+    moved = []
+    for fresh_lr in (None, 1e-2):
+        model, processor = build("object_only")
+        trained_a_little(model)
+        added = widen_attention(model, model.config.text_config.num_attention_heads + 2, seed=1)
+        with torch.no_grad():  # the new heads' o_proj columns off zero, so every new entry has a gradient
+            for layer in model.model.language_model.layers:
+                layer.self_attn.o_proj.weight[:, -2 * model.config.text_config.head_dim:].normal_(0, 0.02)
+        records = cache_media(model, processor, shapes, progress=False)
+        entries = new_head_entries(model, added)
+        named = dict(model.named_parameters())
+        start = {n: p.detach().clone() for n, p in named.items()}
+        train_on_cached_media(model, records, steps=1, lr=1e-3, batch_size=2, warmup_ratio=0.0,
+                              fresh=entries if fresh_lr else None, fresh_lr=fresh_lr)
+        masks = {n: entries[p] for n, p in named.items() if p in entries}
+        moved.append(({n: p.detach() - start[n] for n, p in named.items()}, masks))
+    (plain, masks), (fast, _) = moved
+    assert masks, "the widened projections are marked"
+    for name, step in plain.items():
+        mask = masks.get(name, torch.zeros_like(step, dtype=torch.bool))
+        assert torch.equal(fast[name][~mask], step[~mask]), name
+        if mask.any():
+            assert step[mask].abs().max() > 0, name
+            torch.testing.assert_close(fast[name][mask], 10 * step[mask], rtol=1e-4, atol=1e-7)
+
+
+def test_fresh_lr_needs_the_entries_of_the_llm_and_a_stage_needs_something_added(shapes):
+    from pixelrefer.cached_media import cache_media, train_on_cached_media
+    from pixelrefer.training import MediaStage
+
+    model, processor = build("object_only")
+    records = cache_media(model, processor, shapes[:2], progress=False)
+    with pytest.raises(ValueError, match="give them as fresh"):
+        train_on_cached_media(model, records, steps=1, lr=1e-3, batch_size=2, fresh_lr=1e-2)
+    outside = next(p for n, p in model.named_parameters() if "object_tokenizer" in n)
+    with pytest.raises(ValueError, match="must be one of the LLM's"):
+        train_on_cached_media(model, records, steps=1, lr=1e-3, batch_size=2, fresh_lr=1e-2,
+                              fresh={outside: torch.ones_like(outside, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="fresh_lr must be a positive number"):
+        train_on_cached_media(model, records, steps=1, lr=1e-3, batch_size=2, fresh_lr=-1.0, fresh={})
+    with pytest.raises(ValueError, match=r"media_stages\[0\]: new_lr is the rate of what the stage adds"):
+        MediaStage.parse(dict(steps=1, new_lr=1e-3), 0)
+    with pytest.raises(ValueError, match=r"media_stages\[0\]: new_lr must be a positive number"):
+        MediaStage.parse(dict(steps=1, new_lr=0, attention_heads=8), 0)
+
+
+def test_a_media_stage_trains_added_layers_and_heads_at_new_lr(tmp_path):
+    """Both additions in one stage: the widened new layers' projections are the ones given the rate (widening
+    replaces them), and the new heads' output columns move further than at the LLM's rate."""
+    from pixelrefer.training import Trainer
+    from tests.test_training import config, samples
+
+    norms = []
+    for new_lr in (None, 3e-2):
+        stage = dict(steps=3, batch_size=2, lr=3e-4, language_layers=1, attention_heads=6,
+                     shapesworld=dict(seed=4, num_images=2, num_videos=1))
+        if new_lr:
+            stage["new_lr"] = new_lr
+        trainer = Trainer(config(tmp_path, f"fast-{new_lr}", steps=2, framework="object_only", media_stages=[stage]),
+                          samples())
+        trainer.run()
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        head_dim = model.config.text_config.head_dim
+        layers = model.model.language_model.layers
+        norms.append((float(layers[0].self_attn.o_proj.weight[:, 4 * head_dim:].detach().norm()),
+                      float(layers[-1].mlp.down_proj.weight.detach().norm())))
+    (slow_heads, slow_layer), (fast_heads, fast_layer) = norms
+    assert fast_heads > 20 * slow_heads and fast_layer > 20 * slow_layer
