@@ -1,0 +1,52 @@
+"""Where an option-first model's letters come from: its written text or the video. ShapesWorld, as JSON.
+
+    python benchmarks/letter_lookup.py --model shapes-tiny-lite --data runs/eval-sw5e --num-videos 600
+        --image-choice --location --short-answers [--split val] [--limit 100] [--threads 2]
+
+Every held-out video multiple-choice question is asked once per option, that option's text teacher-forced as
+the answer ("above <object1> (" ...), and the letter the model writes next is read
+(`pixelrefer.analysis.letters`). Per question type: `right_text.letter`, the letter accuracy given the right text
+(an upper bound on what a perfect written answer scores); under a wrong text, the share of letters that are that
+text's (`text`: a lookup), the right answer's (`media`) or another option's (`other`); and the commonest
+confusions under the right text. For models that write lettered answers option first (both embedded ones).
+`--split val` reads the validation split of the same folder (model selection), `test` (default) the held-out one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import pixelrefer
+from pixelrefer.analysis.letters import forced_letters, letter_sources
+from pixelrefer.data import load_annotations
+from pixelrefer.evaluation.runners import add_split_arguments, split_from_arguments
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="shapes-tiny-lite")
+    add_split_arguments(parser)
+    parser.add_argument("--split", choices=("test", "val"), default="test")
+    parser.add_argument("--limit", type=int, default=None, help="the first N multiple-choice questions")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default=None, help="where the model runs (cuda on a GPU machine)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    model, processor = pixelrefer.load(args.model, device=args.device)
+    root = split_from_arguments(args).parent
+    questions = [s for s in load_annotations(root / f"{args.split}.json", root) if s.task == "multiple_choice"]
+    questions = questions[: args.limit]
+    rows = forced_letters(model, processor, questions)
+    report = {"model": args.model, "split": args.split, "questions": len(questions), **letter_sources(rows),
+              "seconds": round(time.perf_counter() - started, 1)}
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
