@@ -10,6 +10,10 @@ the answer ("above <object1> (" ...), and the letter the model writes next is re
 text's (`text`: a lookup), the right answer's (`media`) or another option's (`other`); and the commonest
 confusions under the right text. For models that write lettered answers option first (both embedded ones).
 `--split val` reads the validation split of the same folder (model selection), `test` (default) the held-out one.
+`--attention` adds, per layer and head, the mean share of attention at the letter-predicting position on the
+right option's line (`lookup`) and at each option word on its line's letter (`line`), and how often the head's
+own output there, read by the output head, names the answer's letter (`readout`), the right text forced
+(`pixelrefer.letter_attention.attention_shares`: what a stage's `letter_attention` supervises).
 """
 
 from __future__ import annotations
@@ -21,9 +25,22 @@ import time
 import torch
 
 import pixelrefer
-from pixelrefer.analysis.letters import forced_letters, letter_sources
+from pixelrefer.analysis.letters import forced_letters, forced_variants, letter_sources
+from pixelrefer.cached_media import cache_media, media_token_ids
 from pixelrefer.data import load_annotations
 from pixelrefer.evaluation.runners import add_split_arguments, split_from_arguments
+from pixelrefer.letter_attention import attention_shares
+from pixelrefer.option_order import OptionTokens
+
+
+def right_text_attention(model, processor, questions) -> dict:
+    """Per layer, each head's `attention_shares` on the questions answered with their right text, option first."""
+    variants, info = forced_variants(questions)
+    right = [v for v, i in zip(variants, info) if i["forced"] == i["truth"]]
+    records = cache_media(model, processor, right, progress=False)
+    shares = attention_shares(model, records, OptionTokens.of(processor.tokenizer, media_token_ids(model.config)))
+    return {name: [[round(float(x), 3) for x in layer] for layer in shares[name]]
+            for name in ("lookup", "line", "readout")}
 
 
 def main() -> None:
@@ -34,6 +51,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="the first N multiple-choice questions")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default=None, help="where the model runs (cuda on a GPU machine)")
+    parser.add_argument("--attention", action="store_true",
+                        help="each head's attention share on the right line and on each line's letter")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -45,6 +64,9 @@ def main() -> None:
     rows = forced_letters(model, processor, questions)
     report = {"model": args.model, "split": args.split, "questions": len(questions), **letter_sources(rows),
               "seconds": round(time.perf_counter() - started, 1)}
+    if args.attention:
+        report["attention"] = right_text_attention(model, processor, questions)
+        report["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(report, indent=1))
 
 

@@ -39,6 +39,8 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from pixelrefer.errors import InputError
+from pixelrefer.letter_attention import (HeadReadout, LetterAttention, QuestionSpans, letter_attention_loss,
+                                         question_spans)
 from pixelrefer.option_order import OptionTokens, drill_letter, lettered_questions, shuffle_options
 from pixelrefer.stage_checkpoint import StageCheckpoint
 
@@ -287,20 +289,39 @@ def cached_embeds(model, batch: dict[str, Tensor]) -> Tensor:
     return inner.scatter_object_tokens(input_ids, embeds, ObjectFeatures(tokens=tokens, valid=valid))
 
 
-def cached_loss(model, batch: dict[str, Tensor], weights: Tensor | None = None) -> Tensor:
+def cached_loss(model, batch: dict[str, Tensor], weights: Tensor | None = None,
+                letter_attention: LetterAttention | None = None,
+                spans: Sequence[Sequence[QuestionSpans]] | None = None) -> Tensor:
     """The model's loss on a collated batch: token embeddings with the cached media in their slots.
 
     `weights` (B, L), one per label (`answer_letter_weights`), makes it the weighted mean of the supervised
-    tokens' cross-entropies; None is the model's own loss (their plain mean)."""
+    tokens' cross-entropies; None is the model's own loss (their plain mean). `letter_attention` adds its
+    auxiliary attention terms on the batch rows' lettered questions `spans` (`pixelrefer.letter_attention`;
+    the model must run eager attention, which returns the probabilities)."""
     embeds = cached_embeds(model, batch)
+    extra = {"output_attentions": True} if letter_attention is not None else {}
+    readout = HeadReadout(model, letter_attention) if letter_attention and letter_attention.readout_weight else None
+    with readout or contextlib.nullcontext():
+        loss, out = _lm_loss(model, batch, embeds, weights, extra)
+        if letter_attention is None:
+            return loss
+        if spans is None or len(spans) != batch["input_ids"].shape[0]:
+            raise ValueError("letter_attention needs the spans of every batch row's lettered questions")
+        return loss + letter_attention_loss(out.attentions, spans, letter_attention, readout, batch["input_ids"])
+
+
+def _lm_loss(model, batch: dict[str, Tensor], embeds: Tensor, weights: Tensor | None, extra: dict):
     if weights is None:
-        return model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-    logits = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]  # position j predicts token j + 1
-    losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                                               ignore_index=-100, reduction="none")
-    weights = weights[:, 1:].flatten() * (labels.flatten() != -100)
-    return (losses * weights).sum() / weights.sum()
+        out = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"], **extra)
+        loss = out.loss
+    else:
+        out = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], **extra)
+        labels = batch["labels"][:, 1:]  # position j predicts token j + 1
+        losses = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                                   ignore_index=-100, reduction="none")
+        weights = weights[:, 1:].flatten() * (labels.flatten() != -100)
+        loss = (losses * weights).sum() / weights.sum()
+    return loss, out
 
 
 def answer_letter_weights(labels: Tensor, tokens: OptionTokens, weight: float) -> Tensor:
@@ -396,7 +417,8 @@ def train_on_cached_media(model, records: Sequence[CachedRecord], *, steps: int,
                           option_tokens: OptionTokens | None = None, letter_weight: float = 1.0,
                           letter_tokens: OptionTokens | None = None, letter_drill: float = 0.0,
                           fresh: dict[torch.nn.Parameter, Tensor] | None = None,
-                          fresh_lr: float | None = None) -> list[float]:
+                          fresh_lr: float | None = None,
+                          letter_attention: LetterAttention | None = None) -> list[float]:
     """Train the LLM (embeddings, layers, head) on cached records; returns the per-step losses.
 
     Each step draws `batch_size` records with replacement from the task-weighted pool (seeded by `seed`).
@@ -415,18 +437,28 @@ def train_on_cached_media(model, records: Sequence[CachedRecord], *, steps: int,
     `new_head_entries`); with `fresh_lr` those entries train at that rate, under the same schedule: each step's
     change to them is scaled by fresh_lr / lr after the optimizer's step (AdamW's update, weight decay included,
     is proportional to the rate), so they move as fast as a parameter group of their own would.
+    `letter_attention` adds its auxiliary attention terms (`pixelrefer.letter_attention`) on every drawn lettered
+    question, found after any dealing anew (letters as `letter_tokens` writes them); the model runs eager
+    attention while it trains, and its own implementation again after.
     """
     if not records:
         raise ValueError("no cached records to train on")
-    if (letter_weight != 1.0 or letter_drill) and letter_tokens is None:
-        raise ValueError(f"letter_weight {letter_weight} / letter_drill {letter_drill} need the answer letters: "
-                         "give letter_tokens to find them")
+    if (letter_weight != 1.0 or letter_drill or letter_attention is not None) and letter_tokens is None:
+        raise ValueError(f"letter_weight {letter_weight} / letter_drill {letter_drill} / letter_attention need the "
+                         "answer letters: give letter_tokens to find them")
     questions = {}
-    finder = option_tokens if option_tokens is not None else letter_tokens if letter_drill else None
+    finder = option_tokens if option_tokens is not None else letter_tokens if (
+        letter_drill or letter_attention is not None) else None
     if finder is not None:
         questions = {i: found for i, r in enumerate(records)
                      if (found := lettered_questions(r.input_ids.tolist(), r.labels.tolist(), finder,
                                                      r.attention_mask.tolist()))}
+    if letter_attention is not None:
+        text = model.config.text_config
+        letter_attention.check(text.num_hidden_layers, text.num_attention_heads)
+        if not questions:
+            raise ValueError(f"letter_attention: none of the {len(records)} records has a lettered question (\"(A)\" "
+                             f"… as {letter_tokens.letters[0]}, then the instruction, then the answer's letter)")
     if letter_drill and not any(len(found) == 1 for found in questions.values()):
         raise ValueError(f"letter_drill: none of the {len(records)} records has one lettered question to drill")
     if option_tokens is not None:
@@ -473,28 +505,47 @@ def train_on_cached_media(model, records: Sequence[CachedRecord], *, steps: int,
     saved = dict(tensors={n: p for n, p in named.items() if n.startswith(trained)},
                  optimizer=optimizer, scheduler=scheduler, sampler=rng)
     start, losses = checkpoint.restore(**saved) if checkpoint else (0, [])
-    model.train()
-    for step in tqdm(range(start + 1, steps + 1), initial=start, total=steps, desc="frozen-media stage"):
-        drawn = [pool[i] for i in rng.integers(0, len(pool), size=batch_size)]
-        chosen = [_dealt(records[i], questions.get(i), rng, option_tokens, letter_drill, letter_tokens)
-                  for i in drawn]
-        batch = {k: v.to(device) for k, v in collate_cached(chosen, pad).items()}
-        weights = None if letter_weight == 1.0 else answer_letter_weights(batch["labels"], letter_tokens,
-                                                                          letter_weight)
-        with autocast():
-            loss = cached_loss(model, batch, weights)
-        model.zero_grad(set_to_none=True)  # also what reached modules the optimizer does not train
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        before = [p.detach().clone() for p, _, _ in scale]
-        optimizer.step()
-        with torch.no_grad():
-            for (p, mask, factor), old in zip(scale, before):
-                p.copy_(torch.where(mask, old + (p - old) * factor, p))
-        scheduler.step()
-        losses.append(loss.item())
-        if checkpoint and checkpoint.due(step, steps):
-            checkpoint.save(step, losses, **saved)
-        if callback is not None:
-            callback(step, losses[-1])
-    return losses
+    with _eager_attention(model, letter_attention is not None):
+        model.train()
+        for step in tqdm(range(start + 1, steps + 1), initial=start, total=steps, desc="frozen-media stage"):
+            drawn = [pool[i] for i in rng.integers(0, len(pool), size=batch_size)]
+            chosen = [_dealt(records[i], questions.get(i), rng, option_tokens, letter_drill, letter_tokens)
+                      for i in drawn]
+            batch = {k: v.to(device) for k, v in collate_cached(chosen, pad).items()}
+            weights = None if letter_weight == 1.0 else answer_letter_weights(batch["labels"], letter_tokens,
+                                                                              letter_weight)
+            spans = None
+            if letter_attention is not None:
+                spans = [[question_spans(q, letter_tokens) for q in lettered_questions(
+                    r.input_ids.tolist(), r.labels.tolist(), letter_tokens, r.attention_mask.tolist())]
+                    if i in questions else [] for i, r in zip(drawn, chosen)]
+            with autocast():
+                loss = cached_loss(model, batch, weights, letter_attention, spans)
+            model.zero_grad(set_to_none=True)  # also what reached modules the optimizer does not train
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+            before = [p.detach().clone() for p, _, _ in scale]
+            optimizer.step()
+            with torch.no_grad():
+                for (p, mask, factor), old in zip(scale, before):
+                    p.copy_(torch.where(mask, old + (p - old) * factor, p))
+            scheduler.step()
+            losses.append(loss.item())
+            if checkpoint and checkpoint.due(step, steps):
+                checkpoint.save(step, losses, **saved)
+            if callback is not None:
+                callback(step, losses[-1])
+        return losses
+
+
+@contextlib.contextmanager
+def _eager_attention(model, wanted: bool):
+    """Eager attention inside (it returns the probabilities `letter_attention` supervises), then the model's own."""
+    own = model.config._attn_implementation
+    if wanted and own != "eager":
+        model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if model.config._attn_implementation != own:
+            model.set_attn_implementation(own)

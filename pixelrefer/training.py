@@ -200,6 +200,10 @@ class MediaStage:
     `new_lr` trains what this stage adds (`language_layers`' layers, `attention_heads`' new heads) at that rate
     instead of the LLM's `lr` (`cached_media.train_on_cached_media(fresh_lr=...)`): zero-start output weights
     moving at the old layers' rate hardly speak after a stage.
+    `letter_attention` (a dict of `pixelrefer.letter_attention.LetterAttention` fields) supervises where the
+    letter of each drawn lettered question is read: one head at the answer's "(" attends to the right option's
+    line, one earlier head at each option word to its line's letter (auxiliary terms added to the loss; the stage
+    trains with eager attention).
     """
 
     steps: int
@@ -224,6 +228,7 @@ class MediaStage:
     letter_drill: float = 0.0
     attention_heads: int = 0
     new_lr: float | None = None
+    letter_attention: dict | None = None
 
     @classmethod
     def parse(cls, spec: dict, index: int) -> "MediaStage":
@@ -272,6 +277,14 @@ class MediaStage:
             if not (stage.language_layers or stage.attention_heads):
                 raise ValueError(f"{where}: new_lr is the rate of what the stage adds: set language_layers or "
                                  "attention_heads")
+        if stage.letter_attention is not None:
+            from pixelrefer.letter_attention import LetterAttention
+
+            spec = stage.letter_attention
+            known = {f.name for f in dataclasses.fields(LetterAttention)}
+            if not isinstance(spec, dict) or set(spec) - known:
+                raise ValueError(f"{where}: letter_attention must be a dict of {sorted(known)}, got {spec!r}")
+            LetterAttention(**spec).check(num_layers=10**6, num_heads=10**6, where=f"{where}.letter_attention")
         if context and not stage.text_choice_records:
             raise ValueError(f"{where}: text_choice_context is the context of its text_choice_records: set those")
         if not (isinstance(stage.vision_lr, (int, float)) and stage.vision_lr > 0):
@@ -1016,6 +1029,7 @@ class Trainer:
         process); loaded everywhere after, and loaded instead of refit when its folder exists."""
         from pixelrefer.cached_media import (OBJECT_MLP, OBJECT_TIME, PROJECTOR, cache_media, media_token_ids,
                                              train_on_cached_media)
+        from pixelrefer.letter_attention import LetterAttention
         from pixelrefer.option_order import OptionTokens
 
         cfg, acc = self.config, self.accelerator
@@ -1069,7 +1083,8 @@ class Trainer:
             records = cache_media(model, self.processor, self.media_stage_samples(index),
                                   progress=acc.is_main_process, objects=stage.object_mlp_lr is not None,
                                   vision=stage.projector_lr is not None)
-            lettered = stage.shuffle_options or stage.letter_weight != 1.0 or stage.letter_drill
+            lettered = (stage.shuffle_options or stage.letter_weight != 1.0 or stage.letter_drill
+                        or stage.letter_attention is not None)
             option_tokens = (OptionTokens.of(self.processor.tokenizer, media_token_ids(model.config))
                              if lettered else None)
             return train_on_cached_media(
@@ -1079,6 +1094,7 @@ class Trainer:
                 option_tokens=option_tokens if stage.shuffle_options else None,
                 letter_weight=stage.letter_weight, letter_tokens=option_tokens, letter_drill=stage.letter_drill,
                 fresh=fresh if stage.new_lr is not None else None, fresh_lr=stage.new_lr,
+                letter_attention=LetterAttention(**stage.letter_attention) if stage.letter_attention else None,
                 checkpoint=self.stage_checkpoint(name, settings=dataclasses.asdict(stage),
                                                  before=[dataclasses.asdict(s) for s in cfg.frozen_media_stages()[:index]]))
 

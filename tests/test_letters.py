@@ -88,7 +88,8 @@ def test_the_right_text_rows_are_the_teacher_forced_letters_of_option_first_answ
 
 def test_the_script_reports_each_type(tmp_path):
     done = subprocess.run([sys.executable, "benchmarks/letter_lookup.py", "--model", "shapes-tiny-lite", "--data",
-                           str(tmp_path), "--num-images", "2", "--num-videos", "20", "--limit", "6", "--threads", "1"],
+                           str(tmp_path), "--num-images", "2", "--num-videos", "20", "--limit", "6", "--threads", "1",
+                           "--attention"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
@@ -96,3 +97,8 @@ def test_the_script_reports_each_type(tmp_path):
     assert report["all"]["right_text"]["questions"] == 6
     shares = report["all"]["wrong_text"]
     assert shares["forced"] == 18 and abs(shares["text"] + shares["media"] + shares["other"] - 1) < 1e-9
+    attention = report["attention"]
+    for name in ("lookup", "line", "readout"):  # shapes-tiny-lite: 4 layers of 4 heads
+        assert len(attention[name]) == 4 and all(len(layer) == 4 for layer in attention[name])
+        assert all(0 <= share <= 1 for layer in attention[name] for share in layer)
+    assert all(0 < share < 1 for name in ("lookup", "line") for layer in attention[name] for share in layer)
