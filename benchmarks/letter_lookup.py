@@ -40,7 +40,7 @@ def right_text_attention(model, processor, questions) -> dict:
     records = cache_media(model, processor, right, progress=False)
     shares = attention_shares(model, records, OptionTokens.of(processor.tokenizer, media_token_ids(model.config)))
     return {name: [[round(float(x), 3) for x in layer] for layer in shares[name]]
-            for name in ("lookup", "line", "readout")}
+            for name in ("lookup", "line", "readout", "answer")}
 
 
 def main() -> None:

@@ -516,9 +516,9 @@ def train_on_cached_media(model, records: Sequence[CachedRecord], *, steps: int,
                                                                               letter_weight)
             spans = None
             if letter_attention is not None:
-                spans = [[question_spans(q, letter_tokens) for q in lettered_questions(
-                    r.input_ids.tolist(), r.labels.tolist(), letter_tokens, r.attention_mask.tolist())]
-                    if i in questions else [] for i, r in zip(drawn, chosen)]
+                spans = [[question_spans(q, letter_tokens, ids, labels) for q in lettered_questions(
+                    ids, labels, letter_tokens, r.attention_mask.tolist())] if i in questions else []
+                    for i, r in zip(drawn, chosen) for ids, labels in [(r.input_ids.tolist(), r.labels.tolist())]]
             with autocast():
                 loss = cached_loss(model, batch, weights, letter_attention, spans)
             model.zero_grad(set_to_none=True)  # also what reached modules the optimizer does not train

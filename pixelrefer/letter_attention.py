@@ -13,6 +13,9 @@ to find both from the answer loss alone spreads its attention over the four line
 - `line_weight` (the line's letter): at every token of an option's text, head `line_head` of layer `line_layer`
   attends to its own line's letter; -log of that share, averaged over the text tokens of the batch.
 
+- `answer_weight` (the lookup's query): at the same position, head `answer_head` of layer `answer_layer` attends
+  to the answer's telling words, those of its written text that no other option has (all of its words when none
+  is its own): sibling options ("above <object1>", "below <object1>") differ in one word, often not the last.
 - `readout_weight` (what the two heads write): each supervised head's own output (its slice of the attention
   output through its columns of `o_proj`), read by the LLM's final norm and output head as if it were the
   residual, is trained to name the letter: the lookup head's at the letter-predicting position the answer's
@@ -47,16 +50,21 @@ class LetterAttention:
     line_layer: int = 0
     line_head: int = 0
     readout_weight: float = 0.0
+    answer_weight: float = 0.0
+    answer_layer: int = -2
+    answer_head: int = 0
 
     def check(self, num_layers: int, num_heads: int, where: str = "letter_attention") -> "LetterAttention":
         """Self, or a ValueError naming the field that does not fit a model of that many layers and heads."""
-        for name in ("weight", "line_weight", "readout_weight"):
+        for name in ("weight", "line_weight", "readout_weight", "answer_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{where}: {name} must be a non-negative number, got {value!r}")
-        if not (self.weight or self.line_weight or self.readout_weight):
-            raise ValueError(f"{where}: weight, line_weight and readout_weight are all 0: nothing to supervise")
-        for layer, head, what in ((self.layer, self.head, ""), (self.line_layer, self.line_head, "line_")):
+        if not (self.weight or self.line_weight or self.readout_weight or self.answer_weight):
+            raise ValueError(f"{where}: weight, line_weight, readout_weight and answer_weight are all 0: nothing to "
+                             "supervise")
+        for layer, head, what in ((self.layer, self.head, ""), (self.line_layer, self.line_head, "line_"),
+                                  (self.answer_layer, self.answer_head, "answer_")):
             if isinstance(layer, bool) or not isinstance(layer, int) or not -num_layers <= layer < num_layers:
                 raise ValueError(f"{where}: {what}layer {layer!r} is not one of the model's {num_layers} layers")
             if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < num_heads:
@@ -68,11 +76,13 @@ class LetterAttention:
 class QuestionSpans:
     """Positions of one lettered question in its record: `query` predicts the answer's letter; `right` is the
     [start, stop) of the right option's line; `lines` holds (letter position, text start, text stop) per
-    option, in letter order."""
+    option, in letter order; `telling`, the positions of the answer's telling words written before the query
+    (empty for an answer written letter first)."""
 
     query: int
     right: tuple[int, int]
     lines: tuple[tuple[int, int, int], ...]
+    telling: tuple[int, ...] = ()
 
 
 def letter_offset(tokens: OptionTokens) -> int:
@@ -85,8 +95,11 @@ def letter_offset(tokens: OptionTokens) -> int:
     return varying[0]
 
 
-def question_spans(question: LetteredQuestion, tokens: OptionTokens) -> QuestionSpans:
-    """`QuestionSpans` of a question found by `option_order.lettered_questions`."""
+def question_spans(question: LetteredQuestion, tokens: OptionTokens, input_ids: Sequence[int] | None = None,
+                   labels: Sequence[int] | None = None) -> QuestionSpans:
+    """`QuestionSpans` of a question found by `option_order.lettered_questions` in a record of those
+    `input_ids` and `labels` (without them, no `telling` positions). The answer's written text is the run of
+    supervised tokens just before its "(X)"."""
     width, offset = len(tokens.letters[0]), letter_offset(tokens)
     if offset == 0:
         raise ValueError("the option letter is the first token of its \"(X)\" run: no position before it "
@@ -94,7 +107,17 @@ def question_spans(question: LetteredQuestion, tokens: OptionTokens) -> Question
     bounds = [*question.markers, question.end]
     lines = tuple((bounds[k] + offset, bounds[k] + width, bounds[k + 1]) for k in range(len(question.markers)))
     right = (bounds[question.answer_index], bounds[question.answer_index + 1])
-    return QuestionSpans(question.answer + offset - 1, right, lines)
+    telling: tuple[int, ...] = ()
+    if input_ids is not None and labels is not None:
+        first = question.answer
+        while first > 0 and labels[first - 1] != -100:
+            first -= 1
+        written = range(first, question.answer)
+        others = {input_ids[t] for k, (_, start, stop) in enumerate(lines) if k != question.answer_index
+                  for t in range(start, stop)}
+        own = tuple(t for t in written if input_ids[t] not in others)
+        telling = own or tuple(written)
+    return QuestionSpans(question.answer + offset - 1, right, lines, telling)
 
 
 def letter_attention_loss(attentions: Sequence[Tensor], spans: Sequence[Sequence[QuestionSpans]],
@@ -108,12 +131,15 @@ def letter_attention_loss(attentions: Sequence[Tensor], spans: Sequence[Sequence
     if spec.readout_weight and (readout is None or input_ids is None):
         raise ValueError("the readout term needs the heads' outputs (HeadReadout) and the batch's input_ids")
     total = attentions[0].sum() * 0.0
-    lookup, line, rows, positions, targets = [], [], [], [], []
+    lookup, line, answer, rows, positions = [], [], [], [], []
     for row, questions in enumerate(spans):
         for q in questions:
             if spec.weight:
                 share = attentions[spec.layer][row, spec.head, q.query, q.right[0]:q.right[1]].sum()
                 lookup.append(-torch.log(share.clamp_min(1e-6)))
+            if spec.answer_weight and q.telling:
+                share = attentions[spec.answer_layer][row, spec.answer_head, q.query, list(q.telling)].sum()
+                answer.append(-torch.log(share.clamp_min(1e-6)))
             if spec.line_weight:
                 probs = attentions[spec.line_layer][row, spec.line_head]
                 for letter, start, stop in q.lines:
@@ -126,6 +152,8 @@ def letter_attention_loss(attentions: Sequence[Tensor], spans: Sequence[Sequence
         total = total + spec.weight * torch.stack(lookup).mean()
     if line:
         total = total + spec.line_weight * torch.cat(line).mean()
+    if answer:
+        total = total + spec.answer_weight * torch.stack(answer).mean()
     for which, found in (("lookup", rows), ("line", positions)):
         if found:
             index = torch.tensor(found, device=total.device)
@@ -177,18 +205,19 @@ def attention_shares(model, records: Sequence, tokens: OptionTokens, batch_size:
     letter-predicting position, on the right option's line; "line" (layers, heads), at each option word, on its
     line's letter; "readout" (layers, heads), how often the head's own output at the letter-predicting position,
     read by the final norm and output head, names the answer's letter (`HeadReadout`); "questions", how many
-    were measured. Runs eager attention for the call."""
+    were measured; "answer" (layers, heads), at the letter-predicting position, on the answer's telling words
+    (`QuestionSpans.telling`). Runs eager attention for the call."""
     from pixelrefer.cached_media import _eager_attention, cached_embeds, collate_cached
     from pixelrefer.option_order import lettered_questions
 
-    found = [(r, [question_spans(q, tokens) for q in lettered_questions(
+    found = [(r, [question_spans(q, tokens, r.input_ids.tolist(), r.labels.tolist()) for q in lettered_questions(
         r.input_ids.tolist(), r.labels.tolist(), tokens, r.attention_mask.tolist())]) for r in records]
     found = [(r, spans) for r, spans in found if spans]
     if not found:
         raise ValueError(f"none of the {len(records)} records has a lettered question to measure")
     pad = model.config.text_config.pad_token_id or 0
     device = next(model.parameters()).device
-    lookup, line, named, count, words = 0.0, 0.0, 0.0, 0, 0
+    lookup, line, named, telling, count, words = 0.0, 0.0, 0.0, 0.0, 0, 0
     language = model.model.language_model
     heads = model.config.text_config.num_attention_heads
     readers = [HeadReadout(model, LetterAttention(layer=layer, head=head)) for layer in range(len(language.layers))
@@ -208,6 +237,7 @@ def attention_shares(model, records: Sequence, tokens: OptionTokens, batch_size:
                 for row, (_, spans) in enumerate(chunk):
                     for q in spans:
                         lookup = lookup + probs[row, :, :, q.query, q.right[0]:q.right[1]].sum(-1)
+                        telling = telling + probs[row, :, :, q.query, list(q.telling)].sum(-1)
                         count += 1
                         where = torch.tensor([row], device=device), torch.tensor([q.query], device=device)
                         letter = batch["input_ids"][row, q.query + 1]
@@ -218,4 +248,5 @@ def attention_shares(model, records: Sequence, tokens: OptionTokens, batch_size:
                             words += stop - first
     finally:
         model.train(was_training)
-    return {"lookup": lookup / count, "line": line / words, "readout": named / count, "questions": count}
+    return {"lookup": lookup / count, "line": line / words, "readout": named / count, "answer": telling / count,
+            "questions": count}

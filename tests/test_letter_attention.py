@@ -28,13 +28,14 @@ def test_spans_name_the_letter_position_the_right_line_and_each_line_letter(opti
     assert letter_offset(tokens) == 1  # "( B )"
     records = cache_media(model, processor, samples, progress=False)
     tok = processor.tokenizer
-    checked = 0
+    checked = telling_checked = 0
     for sample, record in zip(samples, records):
         ids = record.input_ids.tolist()
         found = lettered_questions(ids, record.labels.tolist(), tokens, record.attention_mask.tolist())
         turns = [t["content"] for t in sample.load_media()[0] if t["role"] == "assistant"]
         for question, answer in zip(found, turns):
-            spans = question_spans(question, tokens)
+            spans = question_spans(question, tokens, ids, record.labels.tolist())
+            assert question_spans(question, tokens).telling == ()
             letter = ids[spans.query + 1]
             assert ids[spans.query] == tok.convert_tokens_to_ids("(") and record.labels[spans.query + 1] == letter
             assert f"({tok.convert_ids_to_tokens(letter)})" in answer
@@ -46,20 +47,32 @@ def test_spans_name_the_letter_position_the_right_line_and_each_line_letter(opti
             for (p, first, stop), following in zip(spans.lines, [*spans.lines[1:], None]):
                 assert first == p + 2 and stop > first
                 assert following is None or stop == following[0] - 1
+            if not option_first:
+                assert spans.telling == (), "nothing is written before a letter-first answer's letter"
+            else:
+                written = [t for t in range(spans.query - 20, spans.query) if record.labels[t] != -100]
+                others = {ids[t] for p, first, stop in spans.lines if p - 1 != spans.right[0]
+                          for t in range(first, stop)}
+                own = [t for t in written if ids[t] not in others]
+                assert list(spans.telling) == (own or written) and spans.telling, (sample.where, answer)
+                assert decoded(tok, [ids[t] for t in written]) == text
+                telling_checked += bool(own)
             checked += 1
-    assert checked >= 5
+    assert checked >= 5 and (telling_checked >= 3 or not option_first)
 
 
 def test_the_loss_is_minus_log_of_the_supervised_shares():
     layers, heads, length = 3, 2, 12
     torch.manual_seed(0)
     attentions = [torch.softmax(torch.randn(2, heads, length, length), -1) for _ in range(layers)]
-    spans = [[QuestionSpans(query=10, right=(4, 7), lines=((2, 3, 5), (6, 7, 9)))], []]
-    spec = LetterAttention(weight=0.5, layer=-1, head=1, line_weight=2.0, line_layer=0, line_head=0)
+    spans = [[QuestionSpans(query=10, right=(4, 7), lines=((2, 3, 5), (6, 7, 9)), telling=(8, 9))], []]
+    spec = LetterAttention(weight=0.5, layer=-1, head=1, line_weight=2.0, line_layer=0, line_head=0,
+                           answer_weight=3.0, answer_layer=1, answer_head=0)
     lookup = -math.log(attentions[2][0, 1, 10, 4:7].sum().item())
     line = [-math.log(attentions[0][0, 0, t, letter].item()) for letter, first, stop in ((2, 3, 5), (6, 7, 9))
             for t in range(first, stop)]
-    expected = 0.5 * lookup + 2.0 * sum(line) / len(line)
+    answer = -math.log(attentions[1][0, 0, 10, 8].item() + attentions[1][0, 0, 10, 9].item())
+    expected = 0.5 * lookup + 2.0 * sum(line) / len(line) + 3.0 * answer
     assert letter_attention_loss(attentions, spans, spec).item() == pytest.approx(expected, rel=1e-6)
     only_lookup = LetterAttention(weight=1.0, layer=2, head=1)
     assert letter_attention_loss(attentions, spans, only_lookup).item() == pytest.approx(lookup, rel=1e-6)
@@ -92,7 +105,8 @@ def test_the_heads_outputs_add_up_to_the_layer_output_and_read_as_logits():
 
 
 @pytest.mark.parametrize("spec, message", [
-    (LetterAttention(), "weight, line_weight and readout_weight are all 0"),
+    (LetterAttention(), "weight, line_weight, readout_weight and answer_weight are all 0"),
+    (LetterAttention(answer_weight=1.0, answer_head=-1), "answer_head -1 is not one of the model's 4 query heads"),
     (LetterAttention(weight=-1.0), "weight must be a non-negative number"),
     (LetterAttention(weight=1.0, layer=4), "layer 4 is not one of the model's 4 layers"),
     (LetterAttention(weight=1.0, layer=-5), "layer -5 is not one of the model's 4 layers"),
@@ -110,14 +124,14 @@ def test_training_moves_the_supervised_heads_onto_the_right_line_and_letter(fram
     tokens = OptionTokens.of(processor.tokenizer, media_token_ids(model.config))
     records = cache_media(model, processor, text_choice_records(48, seed=4, option_first=True), progress=False)
     spec = LetterAttention(weight=1.0, layer=-1, head=1, line_weight=1.0, line_layer=0, line_head=0,
-                           readout_weight=1.0)
+                           readout_weight=1.0, answer_weight=1.0, answer_layer=0, answer_head=2)
     before = attention_shares(model, records, tokens)
     assert before["questions"] == 48 and before["lookup"].shape == (2, 4) == before["line"].shape
     losses = train_on_cached_media(model, records, steps=100, lr=3e-3, batch_size=8, option_tokens=tokens,
                                    letter_tokens=tokens, letter_attention=spec)
     after = attention_shares(model, records, tokens)
     assert np.isfinite(losses).all() and model.config._attn_implementation == own, "its own attention again"
-    for name, layer, head in (("lookup", -1, 1), ("line", 0, 0)):
+    for name, layer, head in (("lookup", -1, 1), ("line", 0, 0), ("answer", 0, 2)):
         supervised, others = after[name][layer, head], after[name][layer][torch.arange(4) != head]
         assert supervised > 3 * before[name][layer, head] and supervised > 2 * others.max(), (name, after[name])
     assert before["readout"].max() < 0.1 and after["readout"][-1, 1] > 0.2, (before["readout"], after["readout"])
@@ -145,7 +159,7 @@ def test_training_without_lettered_questions_or_letters_is_refused(tmp_path):
 @pytest.mark.parametrize("spec, message", [
     (dict(weight=1.0, heads=2), "letter_attention must be a dict of"),
     ("yes", "letter_attention must be a dict of"),
-    (dict(weight=0, line_weight=0), "letter_attention: weight, line_weight and readout_weight are all 0"),
+    (dict(weight=0, line_weight=0), "letter_attention: weight, line_weight, readout_weight and answer_weight are"),
     (dict(line_weight=-0.5), "letter_attention: line_weight must be a non-negative number"),
 ])
 def test_bad_stage_letter_attention_is_named(spec, message):

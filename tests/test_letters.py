@@ -98,7 +98,7 @@ def test_the_script_reports_each_type(tmp_path):
     shares = report["all"]["wrong_text"]
     assert shares["forced"] == 18 and abs(shares["text"] + shares["media"] + shares["other"] - 1) < 1e-9
     attention = report["attention"]
-    for name in ("lookup", "line", "readout"):  # shapes-tiny-lite: 4 layers of 4 heads
+    for name in ("lookup", "line", "readout", "answer"):  # shapes-tiny-lite: 4 layers of 4 heads
         assert len(attention[name]) == 4 and all(len(layer) == 4 for layer in attention[name])
         assert all(0 <= share <= 1 for layer in attention[name] for share in layer)
     assert all(0 < share < 1 for name in ("lookup", "line") for layer in attention[name] for share in layer)
