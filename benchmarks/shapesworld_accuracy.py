@@ -15,6 +15,8 @@
   model knows whatever letter it writes first (`--no-ranking` skips it: one forward pass per option;
   `--option-first` ranks them as a model trained on ShapesWorld's `option_first` answers writes them,
   "red (B)"); the letter is read from anywhere in the answer (`evaluation.choice`), so either order scores;
+  `speed_steps`, for a model whose Reasoning answers state both objects' speeds first (ShapesWorld's
+  `speed_steps`): how many answers do, and how many stated speeds are right (and right about moving or not);
 - short_caption_metrics: BLEU / ROUGE-L / CIDEr of the short captions (METEOR off: Java start-up);
   short_caption_words: how often a short caption names its object's colour and its category (the one colour /
   category word of the reference, and no other one);
@@ -41,7 +43,7 @@ from pixelrefer.analysis.ablations import category_accuracy
 from pixelrefer.data import load_annotations
 from pixelrefer.data.sample import SampleInputs
 from pixelrefer.data.scenes import COLOURS, EVENTS, MOTIONS
-from pixelrefer.data.tasks import MOTION_PHRASES, SHAPE_NAMES
+from pixelrefer.data.tasks import MOTION_PHRASES, SHAPE_NAMES, stated_speeds
 from pixelrefer.evaluation.captions import caption_scores
 from pixelrefer.evaluation.category import exact_match
 from pixelrefer.evaluation.choice import choice_scores, predicted_letter, reference_letter, score_item
@@ -101,9 +103,10 @@ def motion_variants(caption: str) -> list[str]:
 
 
 def option_text(answer: str) -> str:
-    """An answer without its option letter, first or last: "(B) it moves left" and "it moves left (B)" ->
-    "it moves left"."""
-    return " ".join(re.sub(r"^\s*\([A-Z]\)|\([A-Z]\)\s*$", "", answer).split())
+    """An answer without its option letter, first or last, and without the steps a worked answer states first:
+    "(B) it moves left", "it moves left (B)" and "<object0> moves at speed 3 and …: it moves left (B)" ->
+    "it moves left" (no option text holds a colon)."""
+    return " ".join(re.sub(r"^\s*\([A-Z]\)|\([A-Z]\)\s*$", "", answer.rsplit(": ", 1)[-1]).split())
 
 
 def option_first(option: str) -> str:
@@ -120,6 +123,23 @@ def ranked_option(answer, query: SampleInputs, first: bool = False) -> str | Non
         return None
     losses = answer.answer_losses(query, [option_first(o) for o in options] if first else options)
     return options[losses.index(min(losses))]
+
+
+def speed_step_scores(prediction: str, objects: list[dict]) -> list[tuple[int, int]]:
+    """(stated, true) speed of each object a Reasoning answer states a speed for (`speed_steps` answers:
+    "<object0> moves at speed 3 and <object1> does not move: …"); [] when it states none."""
+    stated = stated_speeds(prediction)
+    return [(speed, objects[k]["speed"]) for k, speed in sorted(stated.items()) if k < len(objects)]
+
+
+def speed_step_summary(steps: list[list[tuple[int, int]]]) -> dict[str, float]:
+    """How Reasoning answers that state speeds state them: the share of answers with steps, of stated speeds
+    that are right, of moving / still right, and of answers whose every stated speed is right."""
+    pairs = [pair for answer in steps for pair in answer]
+    stated = [answer for answer in steps if answer]
+    return {"answers_with_steps": len(stated) / len(steps), "speeds_right": sum(a == b for a, b in pairs) / len(pairs),
+            "moving_right": sum((a > 0) == (b > 0) for a, b in pairs) / len(pairs),
+            "answers_all_right": sum(all(a == b for a, b in answer) for answer in stated) / len(stated)}
 
 
 def split_choice(predictions: list[str], references: list[str]) -> dict[str, float]:
@@ -191,7 +211,7 @@ def main() -> None:
     answer = PixelReferModel(model, processor, max_new_tokens=24)
     hits, choices, answers, captions = defaultdict(list), defaultdict(list), defaultdict(list), ([], [])
     motions, motion_ranked = ([], []), []
-    texts, ranked, short_types = defaultdict(list), defaultdict(list), []
+    texts, ranked, short_types, steps = defaultdict(list), defaultdict(list), [], []
     for task in sorted({s.task for s in test} - {"category", "detailed_caption"}):
         samples = [s for s in test if s.task == task]
         for start in range(0, len(samples), args.batch_size):
@@ -208,6 +228,8 @@ def main() -> None:
                     choices[task].append(score_item(sample.id, prediction, truth, type=kind,
                                                     options=sample.meta.get("options")))
                     texts[task].append((kind, option_text(prediction) == option_text(reference)))
+                    if kind == "Reasoning":
+                        steps.append(speed_step_scores(prediction, sample.meta.get("objects") or []))
                     if not args.no_ranking:
                         best = ranked_option(answer, query, args.option_first)
                         ranked[task].append((kind, best is not None
@@ -233,6 +255,8 @@ def main() -> None:
         if ranked[task]:
             result[task]["option_ranking"] = sum(flag for _, flag in ranked[task]) / len(ranked[task])
             result[task]["per_type_option_ranking"] = per_type(ranked[task])
+    if any(steps):
+        result["multiple_choice"]["speed_steps"] = speed_step_summary(steps)
     if captions[0]:
         metrics = caption_scores(captions[0], captions[1], meteor=False)
         result["short_caption_metrics"] = {k: v for k, v in vars(metrics).items() if isinstance(v, float)}

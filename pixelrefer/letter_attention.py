@@ -99,7 +99,8 @@ def question_spans(question: LetteredQuestion, tokens: OptionTokens, input_ids: 
                    labels: Sequence[int] | None = None) -> QuestionSpans:
     """`QuestionSpans` of a question found by `option_order.lettered_questions` in a record of those
     `input_ids` and `labels` (without them, no `telling` positions). The answer's written text is the run of
-    supervised tokens just before its "(X)"."""
+    supervised tokens just before its "(X)"; when that run ends with the right option's text after steps of its
+    own (a worked answer: "<object0> moves at speed 3 and …: <object0> (B)"), just that option text."""
     width, offset = len(tokens.letters[0]), letter_offset(tokens)
     if offset == 0:
         raise ValueError("the option letter is the first token of its \"(X)\" run: no position before it "
@@ -113,6 +114,11 @@ def question_spans(question: LetteredQuestion, tokens: OptionTokens, input_ids: 
         while first > 0 and labels[first - 1] != -100:
             first -= 1
         written = range(first, question.answer)
+        _, start, stop = lines[question.answer_index]
+        option = list(input_ids[start:stop])
+        tail = range(question.answer - len(option), question.answer)
+        if option and len(written) > len(option) and [input_ids[t] for t in tail] == option:
+            written = tail
         others = {input_ids[t] for k, (_, start, stop) in enumerate(lines) if k != question.answer_index
                   for t in range(start, stop)}
         own = tuple(t for t in written if input_ids[t] not in others)

@@ -215,6 +215,22 @@ def test_shapesworld_accuracy_separates_option_text_from_letter():
                                                                   "text_right_letter_wrong": 0.0}
 
 
+def test_shapesworld_accuracy_scores_the_speeds_a_worked_reasoning_answer_states():
+    """Answers that state speeds first (ShapesWorld's speed_steps): the option text is what follows the steps,
+    each stated speed is scored against its object's, and answers without steps count as such."""
+    accuracy = _script("shapesworld_accuracy")
+    worked = "<object0> moves at speed 3 and <object1> does not move: <object0> (B)"
+    assert accuracy.option_text(worked) == "<object0>"
+    objects = [{"speed": 3}, {"speed": 2}]
+    assert accuracy.speed_step_scores(worked, objects) == [(3, 3), (0, 2)]
+    assert accuracy.speed_step_scores("<object1> (C)", objects) == []
+    later = accuracy.speed_step_scores("<object0> does not move and <object1> moves at speed 2: <object1> (C)",
+                                       objects)
+    summary = accuracy.speed_step_summary([accuracy.speed_step_scores(worked, objects), [], later])
+    assert summary == {"answers_with_steps": pytest.approx(2 / 3), "speeds_right": 0.5, "moving_right": 0.5,
+                       "answers_all_right": 0.0}
+
+
 def test_shapesworld_accuracy_reads_a_questions_options_and_groups_flags_by_type():
     from pixelrefer.data.formats import bench_q_prompt
     from pixelrefer.data.sample import SampleInputs

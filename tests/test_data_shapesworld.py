@@ -345,3 +345,52 @@ def test_the_built_in_tokenizer_covers_shapesworld():
     tokenizer = build_tokenizer()
     unknown = [w for w in shapesworld_vocabulary() if tokenizer.convert_tokens_to_ids(w) == tokenizer.unk_token_id]
     assert not unknown
+
+
+def _centroid_speed(track: dict) -> int:
+    """Pixels a frame an object moves, from its masks alone: the largest centroid shift from the first frame it is
+    on to the last, over the frames between."""
+    from pixelrefer.regions import decode_mask
+
+    frames = sorted(track, key=int)
+    centres = []
+    for t in (frames[0], frames[-1]):
+        ys, xs = decode_mask(track[t]["segmentation"], 128, 128).nonzero()
+        centres.append((xs.mean(), ys.mean()))
+    (x0, y0), (x1, y1) = centres
+    return round(max(abs(x1 - x0), abs(y1 - y0)) / max(int(frames[-1]) - int(frames[0]), 1))
+
+
+def test_speed_steps_state_both_speeds_before_the_option_first_answer(tmp_path):
+    """`speed_steps=True` (with `option_first`): a Reasoning answer is "<object0> moves at speed 3 and <object1>
+    does not move: <option text> (X)", the speeds those of the objects' masks in pixels a frame; the letter read
+    by the parsers is unchanged, and every other record is the option-first one. Without option_first it is
+    refused, naming why."""
+    from pixelrefer.evaluation.choice import predicted_letter, reference_letter
+
+    kwargs = dict(seed=3, num_images=2, num_videos=16, option_first=True, short_answers=True)
+    plain = generate_shapesworld(tmp_path / "plain", **kwargs)
+    steps = generate_shapesworld(tmp_path / "steps", speed_steps=True, **kwargs)
+    assert json.loads((tmp_path / "steps" / "info.json").read_text())["speed_steps"] is True
+    tokenizer = build_tokenizer(shapesworld_vocabulary())
+    speeds = Counter()
+    for name, path in plain.items():
+        before, after = json.loads(path.read_text()), json.loads(steps[name].read_text())
+        assert [r["id"] for r in after] == [r["id"] for r in before], name
+        for old, new in zip(before, after):
+            if old.get("type") != "Reasoning":
+                assert new == old, new["id"]
+                continue
+            a, b = (_centroid_speed(track) for track in new["annotation"])
+            speeds.update([a, b])
+            said = [f"<object{k}> " + (f"moves at speed {s}" if s else "does not move") for k, s in enumerate((a, b))]
+            assert new["Answer"] == f"{said[0]} and {said[1]}: {old['Answer']}", new["id"]
+            assert predicted_letter(new["Answer"]) == reference_letter(new["Answer"]) == old["Answer"][-2], new["id"]
+            assert dict(new, Answer=old["Answer"]) == old, new["id"]
+            ids = tokenizer(new["Answer"], add_special_tokens=False)["input_ids"]
+            assert tokenizer.unk_token_id not in ids, tokenizer.convert_ids_to_tokens(ids)
+            assert tasks.stated_speeds(new["Answer"]) == {0: a, 1: b}, new["id"]
+        assert check_annotations(steps[name]).ok, name
+    assert {0, 2, 3, 4} <= set(speeds), speeds
+    with pytest.raises(ValueError, match="speed_steps needs option_first"):
+        generate_shapesworld(tmp_path / "refused", seed=3, num_images=1, num_videos=1, speed_steps=True)

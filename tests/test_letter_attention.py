@@ -61,6 +61,39 @@ def test_spans_name_the_letter_position_the_right_line_and_each_line_letter(opti
     assert checked >= 5 and (telling_checked >= 3 or not option_first)
 
 
+def test_a_worked_answers_telling_words_are_in_its_option_text_and_its_options_deal_anew(tmp_path):
+    """A Reasoning answer that states speeds first ("<object0> moves at speed 3 and <object1> does not move:
+    <object0> (B)", ShapesWorld's speed_steps): the telling words are the option text at its end, not the steps;
+    dealing its options anew moves the letter and keeps the steps."""
+    from pixelrefer.data import generate_shapesworld, load_annotations
+    from pixelrefer.option_order import shuffle_options
+
+    model, processor = build("object_only")
+    paths = generate_shapesworld(tmp_path, seed=5, num_images=1, num_videos=8, splits=(1.0, 0.0, 0.0),
+                                 option_first=True, speed_steps=True)
+    samples = [s for s in load_annotations(paths["train"], tmp_path) if s.meta.get("type") == "Reasoning"][:3]
+    assert len(samples) == 3
+    tokens = OptionTokens.of(processor.tokenizer, media_token_ids(model.config))
+    tok = processor.tokenizer
+    rng = np.random.default_rng(0)
+    for sample, record in zip(samples, cache_media(model, processor, samples, progress=False)):
+        ids, labels = record.input_ids.tolist(), record.labels.tolist()
+        (question,) = lettered_questions(ids, labels, tokens, record.attention_mask.tolist())
+        spans = question_spans(question, tokens, ids, labels)
+        steps, text = sample.meta["Answer"].rsplit(": ", 1)
+        colon = max(t for t in range(spans.query) if ids[t] == tok.convert_tokens_to_ids(":"))
+        assert spans.telling and min(spans.telling) > colon, sample.where
+        assert decoded(tok, ids[colon + 1:spans.query]) == text[:-4].replace(" ", ""), sample.where
+        dealt = shuffle_options(record, tokens, rng, [question])
+        answered = dealt.labels != -100
+        written = decoded(tok, dealt.input_ids[answered].tolist())
+        assert written.startswith(steps.replace(" ", "")), (sample.where, written)
+        (moved,) = lettered_questions(dealt.input_ids.tolist(), dealt.labels.tolist(), tokens)
+        right = decoded(tok, dealt.input_ids[moved.markers[moved.answer_index]:].tolist())
+        assert right.startswith(f"({tok.convert_ids_to_tokens(int(dealt.input_ids[moved.answer + 1]))})"
+                                + text[:-4].replace(" ", "")), (sample.where, right)
+
+
 def test_the_loss_is_minus_log_of_the_supervised_shares():
     layers, heads, length = 3, 2, 12
     torch.manual_seed(0)

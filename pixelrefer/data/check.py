@@ -134,6 +134,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                             "answered in one word")
     world.add_argument("--option-first", action="store_true",
                        help="write lettered answers option first: 'left of <object1> (B)' instead of '(B) left of ...'")
+    world.add_argument("--speed-steps", action="store_true",
+                       help="with --option-first, Reasoning answers state both objects' speeds first: '<object0> moves "
+                            "at speed 3 and <object1> does not move: <object0> (B)'")
     world.set_defaults(handler=run_shapesworld)
     data.set_defaults(handler=lambda args: _usage(data))
 
@@ -155,7 +158,7 @@ def run_shapesworld(args: argparse.Namespace) -> int:
     for split, path in generate_shapesworld(args.out, seed=args.seed, image_choice=args.image_choice,
                                             location=args.location, last_location=args.last_location,
                                             short_answers=args.short_answers, option_first=args.option_first,
-                                            **sizes).items():
+                                            speed_steps=args.speed_steps, **sizes).items():
         print(f"{split}: {path}")
     return 0
 

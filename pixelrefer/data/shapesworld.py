@@ -67,6 +67,7 @@ def generate_shapesworld(
     last_location: bool = False,
     short_answers: bool = False,
     option_first: bool = False,
+    speed_steps: bool = False,
 ) -> dict[str, Path]:
     """Write ShapesWorld to `out_dir`; return the annotation file of each split.
 
@@ -91,9 +92,14 @@ def generate_shapesworld(
         option_first: lettered answers (video multiple choice, `image_choice`) name the option before its
             letter, "left of <object1> (B)" instead of "(B) left of <object1>"; the questions, and every other
             record, stay the same.
+        speed_steps: with `option_first`, a Reasoning question's answer first states each object's speed in
+            pixels a frame, "<object0> moves at speed 3 and <object1> does not move: <object0> (B)"; the
+            questions, and every other record, stay the same.
     """
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     _validate(num_images, num_videos, splits, height, width, num_frames, fps)
+    if speed_steps and not option_first:
+        raise ValueError("speed_steps needs option_first: the speeds are stated before the answer's letter")
     out = Path(out_dir)
     records: dict[str, list[dict]] = {name: [] for name in SPLITS}
     image_split = _assign(num_images, splits, np.random.default_rng([seed, _SPLIT, _IMAGE]))
@@ -104,7 +110,7 @@ def generate_shapesworld(
     for i in range(num_videos):
         rng = np.random.default_rng([seed, _VIDEO, i])
         records[video_split[i]] += _write_video(out, i, rng, height, width, num_frames, fps, location,
-                                              last_location, short_answers, option_first)
+                                              last_location, short_answers, option_first, speed_steps)
     paths = {}
     for name in SPLITS:
         paths[name] = out / f"{name}.json"
@@ -112,7 +118,8 @@ def generate_shapesworld(
     info = dict(name="ShapesWorld", version=VERSION, seed=seed, num_images=num_images, num_videos=num_videos,
                 height=height, width=width, num_frames=num_frames, fps=fps, image_choice=image_choice,
                 location=location, last_location=last_location, short_answers=short_answers,
-                option_first=option_first, splits={name: dict(images=image_split.count(name), videos=video_split.count(name),
+                option_first=option_first, speed_steps=speed_steps,
+                splits={name: dict(images=image_split.count(name), videos=video_split.count(name),
                                    records=len(records[name])) for name in SPLITS})
     atomic_write(out / "info.json", (json.dumps(info, indent=1) + "\n").encode("utf-8"))
     return paths
@@ -202,7 +209,8 @@ def _write_image(out: Path, i: int, rng: np.random.Generator, height: int, width
 
 def _write_video(out: Path, i: int, rng: np.random.Generator, height: int, width: int, frames: int,
                  fps: float, location: bool = False, last_location: bool = False,
-                 short_answers: bool = False, option_first: bool = False) -> list[dict]:
+                 short_answers: bool = False, option_first: bool = False,
+                 speed_steps: bool = False) -> list[dict]:
     video = sample_video(rng, height, width, frames, fps)
     name = f"vid_{i:05d}"
     paths = [f"videos/{name}/frame_{t:02d}.png" for t in range(frames)]
@@ -210,7 +218,7 @@ def _write_video(out: Path, i: int, rng: np.random.Generator, height: int, width
         atomic_write(out / path, _png(frame))
     media = {"video": paths, "timestamps": video.timestamps, "height": height, "width": width}
     records = []
-    for record in tasks.video_tasks(video, rng, location, last_location, short_answers, option_first):
+    for record in tasks.video_tasks(video, rng, location, last_location, short_answers, option_first, speed_steps):
         per_frame = [{str(t): mask_to_rle(m) for t, m in sorted(masks.items())} for masks in record.masks]
         if record.question is None:
             suffix = f"{record.task}-{record.name}" if record.name else record.task

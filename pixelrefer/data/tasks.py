@@ -21,6 +21,7 @@ Notable:
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -422,6 +423,39 @@ def option_first_record(record: TaskRecord) -> TaskRecord:
     return dataclasses.replace(record, conversation=turns)
 
 
+SPEED_STILL = "does not move"
+SPEED_MOVING = "moves at speed {speed}"
+SPEED_STEPS_A = "{first} and {second}: {answer}"
+
+
+def speed_step(name: str, info: dict) -> str:
+    """One object's speed as a Reasoning answer's step states it, in pixels a frame: "<object0> moves at speed 3",
+    "<object1> does not move"."""
+    return f"{name} {SPEED_MOVING.format(speed=info['speed']) if info['speed'] else SPEED_STILL}"
+
+
+def stated_speeds(answer: str) -> dict[int, int]:
+    """The speeds an answer states for its objects, as `speed_step` writes them: {0: 3, 1: 0} for "<object0> moves
+    at speed 3 and <object1> does not move: …"; objects it says nothing of are absent."""
+    found = re.finditer(r"<object(\d+)> (?:moves at speed (\d+)|(does not move))", answer)
+    return {int(m[1]): int(m[2]) if m[2] else 0 for m in found}
+
+
+def speed_steps_record(record: TaskRecord) -> TaskRecord:
+    """`record` with a Reasoning question's option-first answer led by each object's speed: "<object0> moves at
+    speed 3 and <object1> does not move: <object0> (B)". The comparison is then made between two written
+    speeds, each stated right after its object is named, instead of at the answer's first token. Needs an
+    option-first answer (the steps must come before the letter); other records come back unchanged."""
+    question = record.question
+    if question is None or question["type"] != "Reasoning":
+        return record
+    if question["Answer"].startswith("("):
+        raise ValueError(f"speed steps need an option-first answer, not {question['Answer']!r}")
+    first, second = (speed_step(f"<object{k}>", info) for k, info in enumerate(record.objects))
+    answer = SPEED_STEPS_A.format(first=first, second=second, answer=question["Answer"])
+    return dataclasses.replace(record, question=dict(question, Answer=answer))
+
+
 def option_first_answer(answer: str) -> str:
     """A lettered answer written option first: "(B) left of <object1>" -> "left of <object1> (B)"."""
     letter, text = answer.split(" ", 1)
@@ -433,19 +467,24 @@ MULTIPLE_CHOICE = (basic_question, sequential_question, relationship_question, r
 
 def video_tasks(video: VideoScene, rng: np.random.Generator, location: bool = False,
                 last_location: bool = False, short_answers: bool = False,
-                option_first: bool = False) -> list[TaskRecord]:
+                option_first: bool = False, speed_steps: bool = False) -> list[TaskRecord]:
     """The motion caption, every multiple-choice type that has an unambiguous question on this video, with
     `location` where each track is first seen, with `last_location` where it is last seen and with
     `short_answers` the Relationship, Reasoning and Future questions again without options, answered in one
     word (last, drawing nothing, so the other records stay the same). With `option_first` the lettered answers
-    name the option before the letter (`option_first_record`; draws nothing)."""
+    name the option before the letter (`option_first_record`; draws nothing), and with `speed_steps` too a
+    Reasoning answer first states both objects' speeds (`speed_steps_record`; needs `option_first`)."""
+    if speed_steps and not option_first:
+        raise ValueError("speed_steps needs option_first: the speeds are stated before the answer's letter")
     records = [video_caption_task(video)]
     choices = [record for make in MULTIPLE_CHOICE if (record := make(video, rng)) is not None]
     records += choices
     records += [video_location_task(video)] if location else []
     records += [video_last_location_task(video)] if last_location else []
     records += [record for choice in choices if (record := short_answer_task(choice))] if short_answers else []
-    return [option_first_record(record) for record in records] if option_first else records
+    if option_first:
+        records = [option_first_record(record) for record in records]
+    return [speed_steps_record(record) for record in records] if speed_steps else records
 
 
 # Every literal string the generator writes, for `shapesworld_vocabulary()`.
@@ -456,7 +495,8 @@ TEMPLATES = (
     CHOICE_SHAPE_Q, SEQUENTIAL_Q, RELATIONSHIP_Q, REASONING_Q, FUTURE_Q, LOCATION_Q, VIDEO_LOCATION_Q,
     VIDEO_LAST_LOCATION_Q, SHORT_ANSWER_SUFFIX, *SHORT_ANSWER_WORDS.values(),
     *RELATIONS.values(), *DIRECTIONS.values(),
-    *MOTION_PHRASES.values(), *EVENT_PHRASES.values(), *FUTURE_PHRASES.values(), *SPEED_OPTIONS, *NUMBER_WORDS,
+    *MOTION_PHRASES.values(), *EVENT_PHRASES.values(), *FUTURE_PHRASES.values(), *SPEED_OPTIONS, SPEED_STILL, SPEED_MOVING,
+    SPEED_STEPS_A, *NUMBER_WORDS,
     *ROWS, *COLUMNS,
     *POSITIONS.values(), *MOTIONS, SEQUENTIAL_OPTION, *SIZE_ADJECTIVES, *COUNT_ATTRIBUTES, *ARTICLES, *LIST_JOINERS,
     *(f"({letter})" for letter in LETTERS),
