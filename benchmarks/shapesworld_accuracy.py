@@ -43,7 +43,7 @@ from pixelrefer.analysis.ablations import category_accuracy
 from pixelrefer.data import load_annotations
 from pixelrefer.data.sample import SampleInputs
 from pixelrefer.data.scenes import COLOURS, EVENTS, MOTIONS
-from pixelrefer.data.tasks import MOTION_PHRASES, SHAPE_NAMES, stated_speeds
+from pixelrefer.data.tasks import MOTION_PHRASES, SHAPE_NAMES, SHORT_ANSWER_WORDS, stated_speeds
 from pixelrefer.evaluation.captions import caption_scores
 from pixelrefer.evaluation.category import exact_match
 from pixelrefer.evaluation.choice import choice_scores, predicted_letter, reference_letter, score_item
@@ -109,6 +109,13 @@ def option_text(answer: str) -> str:
     return " ".join(re.sub(r"^\s*\([A-Z]\)|\([A-Z]\)\s*$", "", answer.rsplit(": ", 1)[-1]).split())
 
 
+def same_option(prediction: str, reference: str) -> bool:
+    """Whether an answer names the reference's option, by its text or by the one word only that option holds
+    (ShapesWorld's `answer_words`: "above (C)" names "(C) above <object1>")."""
+    said, text = option_text(prediction), option_text(reference)
+    return said == text or said == SHORT_ANSWER_WORDS.get(text)
+
+
 def option_first(option: str) -> str:
     """A lettered option as an `option_first` answer writes it: "(B) red" -> "red (B)"."""
     letter, text = option.split(" ", 1)
@@ -145,7 +152,7 @@ def speed_step_summary(steps: list[list[tuple[int, int]]]) -> dict[str, float]:
 def split_choice(predictions: list[str], references: list[str]) -> dict[str, float]:
     """How lettered answers fail: the option text right (whatever the letter), and right text under a wrong
     letter, the sign that a model knows the answer but not which letter stands for it."""
-    text = [option_text(p) == option_text(r) for p, r in zip(predictions, references, strict=True)]
+    text = [same_option(p, r) for p, r in zip(predictions, references, strict=True)]
     letter = [predicted_letter(p) == reference_letter(r) for p, r in zip(predictions, references, strict=True)]
     count = max(len(text), 1)
     return {"option_text_right": sum(text) / count,
@@ -227,7 +234,7 @@ def main() -> None:
                     kind = sample.meta.get("type", "")
                     choices[task].append(score_item(sample.id, prediction, truth, type=kind,
                                                     options=sample.meta.get("options")))
-                    texts[task].append((kind, option_text(prediction) == option_text(reference)))
+                    texts[task].append((kind, same_option(prediction, reference)))
                     if kind == "Reasoning":
                         steps.append(speed_step_scores(prediction, sample.meta.get("objects") or []))
                     if not args.no_ranking:

@@ -221,6 +221,13 @@ def test_shapesworld_accuracy_scores_the_speeds_a_worked_reasoning_answer_states
     accuracy = _script("shapesworld_accuracy")
     worked = "<object0> moves at speed 3 and <object1> does not move: <object0> (B)"
     assert accuracy.option_text(worked) == "<object0>"
+    assert accuracy.same_option(worked, "(B) <object0>") and not accuracy.same_option(worked, "(C) <object1>")
+    # one-word answers (ShapesWorld's answer_words) name their option by the word only it holds
+    assert accuracy.same_option("above (C)", "(C) above <object1>")
+    assert accuracy.same_option("left (A)", "(A) further to the left")
+    assert not accuracy.same_option("below (C)", "(C) above <object1>")
+    assert accuracy.split_choice(["above (D)", "right (B)"], ["(C) above <object1>", "(A) further to the left"]) == {
+        "option_text_right": 0.5, "text_right_letter_wrong": 0.5}
     objects = [{"speed": 3}, {"speed": 2}]
     assert accuracy.speed_step_scores(worked, objects) == [(3, 3), (0, 2)]
     assert accuracy.speed_step_scores("<object1> (C)", objects) == []

@@ -394,3 +394,37 @@ def test_speed_steps_state_both_speeds_before_the_option_first_answer(tmp_path):
     assert {0, 2, 3, 4} <= set(speeds), speeds
     with pytest.raises(ValueError, match="speed_steps needs option_first"):
         generate_shapesworld(tmp_path / "refused", seed=3, num_images=1, num_videos=1, speed_steps=True)
+
+
+def test_answer_words_write_the_one_word_answer_before_the_letter(tmp_path):
+    """`answer_words=True` (with `option_first`): a video multiple-choice answer whose option has a one-word answer
+    is that word, then the letter ("above (C)"); the word is in the right option and in no other; Basic and
+    Sequential answers, the questions and every other record are the option-first ones; with `speed_steps` the
+    steps come before the word. Without option_first it is refused."""
+    from pixelrefer.evaluation.choice import predicted_letter
+
+    kwargs = dict(seed=4, num_images=2, num_videos=16, option_first=True, short_answers=True)
+    plain = generate_shapesworld(tmp_path / "plain", **kwargs)
+    words = generate_shapesworld(tmp_path / "words", answer_words=True, **kwargs)
+    both = generate_shapesworld(tmp_path / "both", answer_words=True, speed_steps=True, **kwargs)
+    assert json.loads((tmp_path / "words" / "info.json").read_text())["answer_words"] is True
+    changed = Counter()
+    for name, path in plain.items():
+        before, after = json.loads(path.read_text()), json.loads(words[name].read_text())
+        worked = json.loads(both[name].read_text())
+        for old, new, steps in zip(before, after, worked, strict=True):
+            if old.get("type") not in ("Relationship", "Reasoning", "Future"):
+                assert new == old == steps, new["id"]
+                continue
+            text, letter = old["Answer"].rsplit(" ", 1)
+            word, new_letter = new["Answer"].split(" ")
+            assert new_letter == letter and predicted_letter(new["Answer"]) == letter[1], new["id"]
+            holding = [o for o in old["options"] if word in o.split(" ")[1:]]
+            assert holding == [f"{letter} {text}"], (new["id"], word, old["options"])
+            assert dict(new, Answer=old["Answer"]) == old, new["id"]
+            assert steps["Answer"].endswith(f": {new['Answer']}" if old["type"] == "Reasoning" else new["Answer"])
+            changed[old["type"]] += text != word
+        assert check_annotations(words[name]).ok, name
+    assert changed["Relationship"] and changed["Future"] and changed["Reasoning"], changed
+    with pytest.raises(ValueError, match="answer_words needs option_first"):
+        generate_shapesworld(tmp_path / "refused", seed=3, num_images=1, num_videos=1, answer_words=True)

@@ -137,6 +137,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     world.add_argument("--speed-steps", action="store_true",
                        help="with --option-first, Reasoning answers state both objects' speeds first: '<object0> moves "
                             "at speed 3 and <object1> does not move: <object0> (B)'")
+    world.add_argument("--answer-words", action="store_true",
+                       help="with --option-first, answers whose option has a one-word answer write that word before "
+                            "the letter: 'above (C)'")
     world.set_defaults(handler=run_shapesworld)
     data.set_defaults(handler=lambda args: _usage(data))
 
@@ -158,7 +161,8 @@ def run_shapesworld(args: argparse.Namespace) -> int:
     for split, path in generate_shapesworld(args.out, seed=args.seed, image_choice=args.image_choice,
                                             location=args.location, last_location=args.last_location,
                                             short_answers=args.short_answers, option_first=args.option_first,
-                                            speed_steps=args.speed_steps, **sizes).items():
+                                            speed_steps=args.speed_steps, answer_words=args.answer_words,
+                                            **sizes).items():
         print(f"{split}: {path}")
     return 0
 

@@ -68,6 +68,7 @@ def generate_shapesworld(
     short_answers: bool = False,
     option_first: bool = False,
     speed_steps: bool = False,
+    answer_words: bool = False,
 ) -> dict[str, Path]:
     """Write ShapesWorld to `out_dir`; return the annotation file of each split.
 
@@ -95,11 +96,15 @@ def generate_shapesworld(
         speed_steps: with `option_first`, a Reasoning question's answer first states each object's speed in
             pixels a frame, "<object0> moves at speed 3 and <object1> does not move: <object0> (B)"; the
             questions, and every other record, stay the same.
+        answer_words: with `option_first`, a video multiple-choice answer whose option has a one-word answer
+            (Relationship, Reasoning, Future: `short_answers`' words) writes that word before its letter,
+            "above (C)" instead of "above <object1> (C)"; the questions, and every other record, stay the same.
     """
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     _validate(num_images, num_videos, splits, height, width, num_frames, fps)
-    if speed_steps and not option_first:
-        raise ValueError("speed_steps needs option_first: the speeds are stated before the answer's letter")
+    for name, wanted in (("speed_steps", speed_steps), ("answer_words", answer_words)):
+        if wanted and not option_first:
+            raise ValueError(f"{name} needs option_first: what it writes comes before the answer's letter")
     out = Path(out_dir)
     records: dict[str, list[dict]] = {name: [] for name in SPLITS}
     image_split = _assign(num_images, splits, np.random.default_rng([seed, _SPLIT, _IMAGE]))
@@ -110,7 +115,8 @@ def generate_shapesworld(
     for i in range(num_videos):
         rng = np.random.default_rng([seed, _VIDEO, i])
         records[video_split[i]] += _write_video(out, i, rng, height, width, num_frames, fps, location,
-                                              last_location, short_answers, option_first, speed_steps)
+                                              last_location, short_answers, option_first, speed_steps,
+                                              answer_words)
     paths = {}
     for name in SPLITS:
         paths[name] = out / f"{name}.json"
@@ -118,7 +124,7 @@ def generate_shapesworld(
     info = dict(name="ShapesWorld", version=VERSION, seed=seed, num_images=num_images, num_videos=num_videos,
                 height=height, width=width, num_frames=num_frames, fps=fps, image_choice=image_choice,
                 location=location, last_location=last_location, short_answers=short_answers,
-                option_first=option_first, speed_steps=speed_steps,
+                option_first=option_first, speed_steps=speed_steps, answer_words=answer_words,
                 splits={name: dict(images=image_split.count(name), videos=video_split.count(name),
                                    records=len(records[name])) for name in SPLITS})
     atomic_write(out / "info.json", (json.dumps(info, indent=1) + "\n").encode("utf-8"))
@@ -210,7 +216,7 @@ def _write_image(out: Path, i: int, rng: np.random.Generator, height: int, width
 def _write_video(out: Path, i: int, rng: np.random.Generator, height: int, width: int, frames: int,
                  fps: float, location: bool = False, last_location: bool = False,
                  short_answers: bool = False, option_first: bool = False,
-                 speed_steps: bool = False) -> list[dict]:
+                 speed_steps: bool = False, answer_words: bool = False) -> list[dict]:
     video = sample_video(rng, height, width, frames, fps)
     name = f"vid_{i:05d}"
     paths = [f"videos/{name}/frame_{t:02d}.png" for t in range(frames)]
@@ -218,7 +224,8 @@ def _write_video(out: Path, i: int, rng: np.random.Generator, height: int, width
         atomic_write(out / path, _png(frame))
     media = {"video": paths, "timestamps": video.timestamps, "height": height, "width": width}
     records = []
-    for record in tasks.video_tasks(video, rng, location, last_location, short_answers, option_first, speed_steps):
+    for record in tasks.video_tasks(video, rng, location, last_location, short_answers, option_first, speed_steps,
+                                    answer_words):
         per_frame = [{str(t): mask_to_rle(m) for t, m in sorted(masks.items())} for masks in record.masks]
         if record.question is None:
             suffix = f"{record.task}-{record.name}" if record.name else record.task

@@ -423,6 +423,22 @@ def option_first_record(record: TaskRecord) -> TaskRecord:
     return dataclasses.replace(record, conversation=turns)
 
 
+def answer_word_record(record: TaskRecord) -> TaskRecord:
+    """`record` with an option-first lettered answer whose option has a one-word answer (`SHORT_ANSWER_WORDS`)
+    written as that word, then the letter: "above <object1> (C)" -> "above (C)", "further to the left (A)" ->
+    "left (A)". The word is the one only that option holds, so it is the last token before the letter: the key
+    the letter is looked up by, where the full text of a Relationship option ends in the "<object1>" every option
+    ends in. Other records come back unchanged."""
+    question = record.question
+    if question is None:
+        return record
+    text, letter = question["Answer"].rsplit(" ", 1)
+    if not re.fullmatch(r"\([A-Z]\)", letter):
+        raise ValueError(f"answer words need an option-first answer, not {question['Answer']!r}")
+    word = SHORT_ANSWER_WORDS.get(text)
+    return record if word is None else dataclasses.replace(record, question=dict(question, Answer=f"{word} {letter}"))
+
+
 SPEED_STILL = "does not move"
 SPEED_MOVING = "moves at speed {speed}"
 SPEED_STEPS_A = "{first} and {second}: {answer}"
@@ -467,15 +483,19 @@ MULTIPLE_CHOICE = (basic_question, sequential_question, relationship_question, r
 
 def video_tasks(video: VideoScene, rng: np.random.Generator, location: bool = False,
                 last_location: bool = False, short_answers: bool = False,
-                option_first: bool = False, speed_steps: bool = False) -> list[TaskRecord]:
+                option_first: bool = False, speed_steps: bool = False,
+                answer_words: bool = False) -> list[TaskRecord]:
     """The motion caption, every multiple-choice type that has an unambiguous question on this video, with
     `location` where each track is first seen, with `last_location` where it is last seen and with
     `short_answers` the Relationship, Reasoning and Future questions again without options, answered in one
     word (last, drawing nothing, so the other records stay the same). With `option_first` the lettered answers
     name the option before the letter (`option_first_record`; draws nothing), and with `speed_steps` too a
-    Reasoning answer first states both objects' speeds (`speed_steps_record`; needs `option_first`)."""
-    if speed_steps and not option_first:
-        raise ValueError("speed_steps needs option_first: the speeds are stated before the answer's letter")
+    Reasoning answer first states both objects' speeds (`speed_steps_record`; needs `option_first`), and with
+    `answer_words` an answer whose option has a one-word answer is that word ("above (C)",
+    `answer_word_record`; needs `option_first`)."""
+    for name, wanted in (("speed_steps", speed_steps), ("answer_words", answer_words)):
+        if wanted and not option_first:
+            raise ValueError(f"{name} needs option_first: what it writes comes before the answer's letter")
     records = [video_caption_task(video)]
     choices = [record for make in MULTIPLE_CHOICE if (record := make(video, rng)) is not None]
     records += choices
@@ -484,6 +504,8 @@ def video_tasks(video: VideoScene, rng: np.random.Generator, location: bool = Fa
     records += [record for choice in choices if (record := short_answer_task(choice))] if short_answers else []
     if option_first:
         records = [option_first_record(record) for record in records]
+    if answer_words:
+        records = [answer_word_record(record) for record in records]
     return [speed_steps_record(record) for record in records] if speed_steps else records
 
 
@@ -495,8 +517,8 @@ TEMPLATES = (
     CHOICE_SHAPE_Q, SEQUENTIAL_Q, RELATIONSHIP_Q, REASONING_Q, FUTURE_Q, LOCATION_Q, VIDEO_LOCATION_Q,
     VIDEO_LAST_LOCATION_Q, SHORT_ANSWER_SUFFIX, *SHORT_ANSWER_WORDS.values(),
     *RELATIONS.values(), *DIRECTIONS.values(),
-    *MOTION_PHRASES.values(), *EVENT_PHRASES.values(), *FUTURE_PHRASES.values(), *SPEED_OPTIONS, SPEED_STILL, SPEED_MOVING,
-    SPEED_STEPS_A, *NUMBER_WORDS,
+    *MOTION_PHRASES.values(), *EVENT_PHRASES.values(), *FUTURE_PHRASES.values(), *SPEED_OPTIONS,
+    SPEED_STILL, SPEED_MOVING, SPEED_STEPS_A, *NUMBER_WORDS,
     *ROWS, *COLUMNS,
     *POSITIONS.values(), *MOTIONS, SEQUENTIAL_OPTION, *SIZE_ADJECTIVES, *COUNT_ATTRIBUTES, *ARTICLES, *LIST_JOINERS,
     *(f"({letter})" for letter in LETTERS),
