@@ -14,6 +14,7 @@ confusions under the right text. For models that write lettered answers option f
 right option's line (`lookup`) and at each option word on its line's letter (`line`), and how often the head's
 own output there, read by the output head, names the answer's letter (`readout`), the right text forced
 (`pixelrefer.letter_attention.attention_shares`: what a stage's `letter_attention` supervises).
+`--answer-words` forces each option as a model trained on ShapesWorld's `answer_words` writes it ("above (").
 """
 
 from __future__ import annotations
@@ -28,14 +29,15 @@ import pixelrefer
 from pixelrefer.analysis.letters import forced_letters, forced_variants, letter_sources
 from pixelrefer.cached_media import cache_media, media_token_ids
 from pixelrefer.data import load_annotations
+from pixelrefer.data.tasks import SHORT_ANSWER_WORDS
 from pixelrefer.evaluation.runners import add_split_arguments, split_from_arguments
 from pixelrefer.letter_attention import attention_shares
 from pixelrefer.option_order import OptionTokens
 
 
-def right_text_attention(model, processor, questions) -> dict:
+def right_text_attention(model, processor, questions, written=None) -> dict:
     """Per layer, each head's `attention_shares` on the questions answered with their right text, option first."""
-    variants, info = forced_variants(questions)
+    variants, info = forced_variants(questions, written)
     right = [v for v, i in zip(variants, info) if i["forced"] == i["truth"]]
     records = cache_media(model, processor, right, progress=False)
     shares = attention_shares(model, records, OptionTokens.of(processor.tokenizer, media_token_ids(model.config)))
@@ -51,6 +53,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="the first N multiple-choice questions")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default=None, help="where the model runs (cuda on a GPU machine)")
+    parser.add_argument("--answer-words", action="store_true",
+                        help="force each option as a model trained on ShapesWorld's answer_words writes it: the one "
+                             "word only that option holds where it has one ('above (')")
     parser.add_argument("--attention", action="store_true",
                         help="each head's attention share on the right line and on each line's letter")
     args = parser.parse_args()
@@ -61,11 +66,12 @@ def main() -> None:
     root = split_from_arguments(args).parent
     questions = [s for s in load_annotations(root / f"{args.split}.json", root) if s.task == "multiple_choice"]
     questions = questions[: args.limit]
-    rows = forced_letters(model, processor, questions)
+    written = (lambda text: SHORT_ANSWER_WORDS.get(text, text)) if args.answer_words else None
+    rows = forced_letters(model, processor, questions, written=written)
     report = {"model": args.model, "split": args.split, "questions": len(questions), **letter_sources(rows),
               "seconds": round(time.perf_counter() - started, 1)}
     if args.attention:
-        report["attention"] = right_text_attention(model, processor, questions)
+        report["attention"] = right_text_attention(model, processor, questions, written)
         report["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(report, indent=1))
 

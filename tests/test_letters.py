@@ -37,6 +37,21 @@ def test_every_option_is_forced_once_with_its_letter_after_it(questions):
         assert what["letters"][what["forced"]] == letter and what["texts"][what["forced"]] == text
 
 
+def test_options_are_forced_as_the_model_writes_them(questions):
+    """`written` turns each option's text into what the model writes for it (ShapesWorld's answer_words: the one
+    word only that option holds), the letter after it; the texts reported stay the options' own."""
+    from pixelrefer.data.tasks import SHORT_ANSWER_WORDS
+
+    variants, info = forced_variants(questions, lambda text: SHORT_ANSWER_WORDS.get(text, text))
+    worded = 0
+    for variant, what in zip(variants, info):
+        text, letter = what["texts"][what["forced"]], what["letters"][what["forced"]]
+        said = SHORT_ANSWER_WORDS.get(text, text)
+        assert variant.conversation[1] == {"role": "assistant", "content": f"{said} ({letter})"}
+        worded += said != text
+    assert worded >= 3, "some forced options are written as their one word"
+
+
 def test_a_record_that_is_not_one_lettered_question_is_named(questions):
     import dataclasses
 
@@ -89,7 +104,7 @@ def test_the_right_text_rows_are_the_teacher_forced_letters_of_option_first_answ
 def test_the_script_reports_each_type(tmp_path):
     done = subprocess.run([sys.executable, "benchmarks/letter_lookup.py", "--model", "shapes-tiny-lite", "--data",
                            str(tmp_path), "--num-images", "2", "--num-videos", "20", "--limit", "6", "--threads", "1",
-                           "--attention"],
+                           "--attention", "--answer-words"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -58,10 +58,12 @@ def _split_option(option: str, where: str) -> tuple[str, str]:
     return head[1:-1], text
 
 
-def forced_variants(samples: Sequence) -> tuple[list, list[dict]]:
+def forced_variants(samples: Sequence, written: Callable[[str], str] | None = None) -> tuple[list, list[dict]]:
     """Every lettered question once per option, answered with that option's text then its letter; and what each
-    variant is (record id, type, forced and right option, texts, letters). Raises `InputError` naming a record
-    that is not a one-question multiple-choice record with "(X) text" options and an answer among them."""
+    variant is (record id, type, forced and right option, texts, letters). `written` turns an option's text into
+    what the model writes for it (ShapesWorld's `answer_words`: the one word only that option holds); None
+    writes the text itself. Raises `InputError` naming a record that is not a one-question multiple-choice
+    record with "(X) text" options and an answer among them."""
     variants, info = [], []
     for sample in samples:
         where = f"{sample.source}:{sample.index}"
@@ -73,7 +75,8 @@ def forced_variants(samples: Sequence) -> tuple[list, list[dict]]:
         parts = [_split_option(option, where) for option in options]
         letters, texts = zip(*parts)
         for forced, (letter, text) in enumerate(parts):
-            answered = [turns[0], {"role": "assistant", "content": f"{text} ({letter})"}]
+            said = written(text) if written else text
+            answered = [turns[0], {"role": "assistant", "content": f"{said} ({letter})"}]
             variants.append(dataclasses.replace(sample, conversation=answered))
             info.append(dict(id=sample.id, type=str(sample.meta.get("type", "")), forced=forced,
                              truth=options.index(answer), texts=tuple(texts), letters=tuple(letters)))
@@ -81,9 +84,11 @@ def forced_variants(samples: Sequence) -> tuple[list, list[dict]]:
 
 
 @torch.no_grad()
-def forced_letters(model, processor, samples: Sequence, batch_size: int = 16) -> list[ForcedLetter]:
+def forced_letters(model, processor, samples: Sequence, batch_size: int = 16,
+                   written: Callable[[str], str] | None = None) -> list[ForcedLetter]:
     """`ForcedLetter` rows for every option of every multiple-choice `samples` record (module docstring): one
-    forward pass per batch of cached records (`cached_media`), the prediction read at the answer's "(".
+    forward pass per batch of cached records (`cached_media`), the prediction read at the answer's "(";
+    `written` as in `forced_variants`.
 
     Needs a tokenizer that writes "(" apart from the letter (ShapesWorld's word-level one does); raises
     `InputError` otherwise, and for records `forced_variants` refuses."""
@@ -94,7 +99,7 @@ def forced_letters(model, processor, samples: Sequence, batch_size: int = 16) ->
     if opening is None or opening == tokenizer.unk_token_id:
         raise InputError("forced_letters reads the letter after the answer's \"(\", but this tokenizer has no \"(\" "
                          "token of its own")
-    variants, info = forced_variants(samples)
+    variants, info = forced_variants(samples, written)
     records = cache_media(model, processor, variants, progress=False)
     pad = model.config.text_config.pad_token_id or 0
     was_training = model.training
