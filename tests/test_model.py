@@ -335,8 +335,10 @@ def test_embedded_models_say_where_unseen_objects_are(name):
 
 # Video multiple choice in VideoRefer-Bench-Q's layout (Basic, Sequential, Relationship, Reasoning, Future) on 16 unseen
 # videos (seed 321; 79 questions: one video has a single object, so no Relationship question), the option letter parsed
-# as the release does, wherever it is; chance is 25 %. Measured at release: shapes-tiny-lite v22, which writes the
-# option and then its letter, 62/79 (Basic 16/16, Sequential 12/16, Relationship 11/15, Reasoning 10/16, Future 13/16),
+# as the release does, wherever it is; chance is 25 %; up to 24 new tokens, the benchmark's (a Reasoning answer that
+# states both speeds first takes 16). Measured at release: shapes-tiny-lite v23, which writes the one word only the
+# right option holds and then its letter, 64/79 (Basic 16/16, Sequential 13/16, Relationship 15/15, Reasoning 6/16,
+# Future 14/16); v22, which writes the option and then its letter, 62/79 (Basic 16/16, Sequential 12/16, Relationship 11/15, Reasoning 10/16, Future 13/16),
 # v21 53/79 (Basic 16/16, Sequential 13/16, Relationship 6/15, Reasoning 8/16, Future 10/16), v20 47/79 (Basic 16/16,
 # Sequential 11/16, Relationship 5/15, Reasoning 10/16, Future 5/16), v19 48/79 (Basic 16/16, Sequential 11/16,
 # Relationship 4/15, Reasoning 10/16, Future 7/16), v18 and v17 35/79, v16 34/79 (Basic 14/16), v15 34/79, v14 33/79
@@ -346,7 +348,7 @@ def test_embedded_models_say_where_unseen_objects_are(name):
 # 2/16), v15 35/79, v13 31/79 (v12, before its
 # video re-fit, 22/79; v11 27/79; before its first video stage 23/79). The floors leave room for numerics, not
 # for a broken path.
-MC_FLOORS = {"shapes-tiny": 0.7, "shapes-tiny-lite": 0.7}
+MC_FLOORS = {"shapes-tiny": 0.7, "shapes-tiny-lite": 0.75}
 
 
 @pytest.fixture(scope="module")
@@ -366,7 +368,7 @@ def test_embedded_models_answer_video_multiple_choice(name, unseen_video_choices
     from pixelrefer.evaluation.models import PixelReferModel
 
     model, processor = pixelrefer.load(name)
-    answer = PixelReferModel(model, processor, max_new_tokens=12)
+    answer = PixelReferModel(model, processor, max_new_tokens=24)
     queries = []
     for sample in unseen_video_choices:
         text, image, video, masks = sample.load_media()
