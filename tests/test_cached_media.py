@@ -206,12 +206,16 @@ def test_choice_letters_teacher_forced_match_the_full_model(shapes):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, option_first", [("shapes-tiny", True), ("shapes-tiny-lite", True)])
-def test_choice_letters_teacher_forced_are_the_generated_letters(tmp_path, name, option_first):
+@pytest.mark.parametrize("name, written", [("shapes-tiny", dict(option_first=True)),
+                                           ("shapes-tiny-lite", dict(option_first=True, answer_words=True,
+                                                                     speed_steps=True))])
+def test_choice_letters_teacher_forced_are_the_generated_letters(tmp_path, name, written):
     """What the in-training probe reports is what the benchmark scores: a model that opens its answer with "("
     (shapes-tiny up to v15) has its greedy letter the teacher-forced one, question by question; both shipped models
-    now write the option first ("higher up (D)"), so on option-first records the greedy letter is the teacher-forced
-    one wherever the text written is the reference's."""
+    now write their answer first ("higher up (D)"; shapes-tiny-lite v23 the answer's one word, "higher (D)", and a
+    Reasoning answer's speeds before it), so on records written that way the greedy letter is the teacher-forced one
+    wherever the text written is the reference's."""
+    option_first = written["option_first"]
     import pixelrefer
     from pixelrefer.cached_media import choice_letter_accuracy
     from pixelrefer.data import generate_shapesworld, load_annotations
@@ -219,8 +223,7 @@ def test_choice_letters_teacher_forced_are_the_generated_letters(tmp_path, name,
     from pixelrefer.evaluation.choice import predicted_letter, score_item
     from pixelrefer.evaluation.models import PixelReferModel
 
-    paths = generate_shapesworld(tmp_path, seed=321, num_images=0, num_videos=6, splits=(1.0, 0.0, 0.0),
-                                 option_first=option_first)
+    paths = generate_shapesworld(tmp_path, seed=321, num_images=0, num_videos=6, splits=(1.0, 0.0, 0.0), **written)
     questions = [s for s in load_annotations(paths["train"], tmp_path) if s.task == "multiple_choice"]
     model, processor = pixelrefer.load(name)
     records = cache_media(model, processor, questions, progress=False)
@@ -230,7 +233,7 @@ def test_choice_letters_teacher_forced_are_the_generated_letters(tmp_path, name,
     for sample in questions:
         text, image, video, masks = sample.load_media()
         queries.append(SampleInputs(text[:1], image, video, masks))  # the question turn alone
-    predictions = PixelReferModel(model, processor, max_new_tokens=12)(queries)
+    predictions = PixelReferModel(model, processor, max_new_tokens=24)(queries)
     generated = [int(score_item(s.id, p, s.meta["Answer"], type=s.meta["type"], options=s.meta["options"]).correct)
                  for s, p in zip(questions, predictions)]
     text = [" ".join(p.split()).rsplit(" (", 1)[0] == s.meta["Answer"].rsplit(" (", 1)[0] and predicted_letter(p)
