@@ -116,4 +116,8 @@ def test_the_script_reports_each_type(tmp_path):
     for name in ("lookup", "line", "readout", "answer"):  # shapes-tiny-lite: 4 layers of 4 heads
         assert len(attention[name]) == 4 and all(len(layer) == 4 for layer in attention[name])
         assert all(0 <= share <= 1 for layer in attention[name] for share in layer)
-    assert all(0 < share < 1 for name in ("lookup", "line") for layer in attention[name] for share in layer)
+    # shapes-tiny-lite v23 was trained with these heads supervised (`ATTENTION_STAGE`): each stands out in its layer
+    # (measured: lookup 0.99, line 0.997, answer 0.991 on these six questions, the next head of the layer 0.66 or less)
+    for name, layer, head in (("lookup", -1, 0), ("line", 0, 0), ("answer", 2, 0)):
+        shares = attention[name][layer]
+        assert shares[head] > 0.8 and shares[head] == max(shares), (name, shares)
