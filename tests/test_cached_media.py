@@ -206,16 +206,13 @@ def test_choice_letters_teacher_forced_match_the_full_model(shapes):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, written", [("shapes-tiny", dict(option_first=True)),
-                                           ("shapes-tiny-lite", dict(option_first=True, answer_words=True,
-                                                                     speed_steps=True))])
-def test_choice_letters_teacher_forced_are_the_generated_letters(tmp_path, name, written):
+@pytest.mark.parametrize("name", ["shapes-tiny", "shapes-tiny-lite"])
+def test_choice_letters_teacher_forced_are_the_generated_letters(tmp_path, name):
     """What the in-training probe reports is what the benchmark scores: a model that opens its answer with "("
     (shapes-tiny up to v15) has its greedy letter the teacher-forced one, question by question; both shipped models
-    now write their answer first ("higher up (D)"; shapes-tiny-lite v23 the answer's one word, "higher (D)", and a
-    Reasoning answer's speeds before it), so on records written that way the greedy letter is the teacher-forced one
-    wherever the text written is the reference's."""
-    option_first = written["option_first"]
+    now write the answer's one word first and then its letter ("higher (D)"; shapes-tiny-lite since v23, shapes-tiny
+    since v18; a Reasoning answer's speeds before it), so on records written that way the greedy letter is the
+    teacher-forced one wherever the text written is the reference's."""
     import pixelrefer
     from pixelrefer.cached_media import choice_letter_accuracy
     from pixelrefer.data import generate_shapesworld, load_annotations
@@ -223,7 +220,8 @@ def test_choice_letters_teacher_forced_are_the_generated_letters(tmp_path, name,
     from pixelrefer.evaluation.choice import predicted_letter, score_item
     from pixelrefer.evaluation.models import PixelReferModel
 
-    paths = generate_shapesworld(tmp_path, seed=321, num_images=0, num_videos=6, splits=(1.0, 0.0, 0.0), **written)
+    paths = generate_shapesworld(tmp_path, seed=321, num_images=0, num_videos=6, splits=(1.0, 0.0, 0.0),
+                                 option_first=True, answer_words=True, speed_steps=True)
     questions = [s for s in load_annotations(paths["train"], tmp_path) if s.task == "multiple_choice"]
     model, processor = pixelrefer.load(name)
     records = cache_media(model, processor, questions, progress=False)
@@ -237,8 +235,8 @@ def test_choice_letters_teacher_forced_are_the_generated_letters(tmp_path, name,
     generated = [int(score_item(s.id, p, s.meta["Answer"], type=s.meta["type"], options=s.meta["options"]).correct)
                  for s, p in zip(questions, predictions)]
     text = [" ".join(p.split()).rsplit(" (", 1)[0] == s.meta["Answer"].rsplit(" (", 1)[0] and predicted_letter(p)
-            for s, p in zip(questions, predictions)] if option_first else [True] * len(questions)
-    assert all(p.lstrip().startswith("(") != option_first for p in predictions), predictions
+            for s, p in zip(questions, predictions)]
+    assert not any(p.lstrip().startswith("(") for p in predictions), predictions
     same = [i for i, t in enumerate(text) if t]
     assert len(questions) >= 20 and len(same) >= 15, (len(questions), len(same))
     assert [forced[i] for i in same] == [generated[i] for i in same]
