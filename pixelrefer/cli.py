@@ -1,8 +1,9 @@
-"""Command line: `pixelrefer notebooks run …`, `data check|shapesworld …`, `convert SRC DST`, `train …`, `eval …`, `ablate …`.
+"""Command line: `pixelrefer ask IMAGE --mask FILE PROMPT`, `notebooks run …`, `data check|shapesworld …`,
+`convert SRC DST`, `train …`, `eval …`, `ablate …`.
 
-Each command group registers its own subparser (`_add_notebooks`, and
+Each command group registers its own subparser (`_add_ask`, `_add_notebooks`, and
 `add_parser` of `pixelrefer.data.check`, `pixelrefer.convert`, `pixelrefer.training`, `pixelrefer.evaluation.runners` and `pixelrefer.analysis.ablations`). Exit codes: 0 success,
-1 a notebook failed, 2 usage error (help is printed).
+1 a notebook failed, 2 usage error (help is printed) or bad input (`ask`: the error names the file).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 from pixelrefer import convert as convert_commands
@@ -76,6 +78,49 @@ def _notebooks_run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _add_ask(commands: argparse._SubParsersAction) -> None:
+    ask = commands.add_parser("ask", help="answer a question about regions of an image (embedded default model)")
+    ask.add_argument("image", metavar="IMAGE", help="image file (.png, .jpg, …)")
+    ask.add_argument("prompt", metavar="PROMPT", help="the question, one <region> per mask, in --mask order")
+    ask.add_argument("--mask", action="append", default=[], metavar="FILE", required=True,
+                     help="mask file (image, .npy, .npz or .json; repeatable, every mask of a file in its order)")
+    ask.add_argument("--model", default="shapes-tiny",
+                     help="embedded model name or checkpoint folder (default: shapes-tiny)")
+    ask.add_argument("--max-new-tokens", type=int, default=32)
+    ask.set_defaults(handler=_ask)
+
+
+def _ask(args: argparse.Namespace) -> int:
+    """Print the model's answer to PROMPT about IMAGE's masked regions."""
+    import numpy as np
+
+    import pixelrefer
+    from pixelrefer.data.mask_files import read_mask_file
+    from pixelrefer.data.media import read_image
+    from pixelrefer.errors import InputError
+    from pixelrefer.processing import REGION_PLACEHOLDER
+
+    try:
+        image = np.asarray(read_image(Path(args.image), "pixelrefer ask"))
+        masks, counts = [], []
+        for path in args.mask:
+            found = read_mask_file(path, *image.shape[:2])
+            masks += found.values()
+            counts.append(f"{path} ({len(found)})")
+        regions = args.prompt.count(REGION_PLACEHOLDER)
+        if regions != len(masks):
+            raise InputError(f"the prompt has {regions} {REGION_PLACEHOLDER} but the mask files hold {len(masks)} "
+                             f"masks: {', '.join(counts)}")
+        model, processor = pixelrefer.load(args.model)
+        answer = pixelrefer.ask(model, processor, args.prompt, image=image, masks=masks,
+                                max_new_tokens=args.max_new_tokens)
+    except (InputError, ValueError) as exc:  # bad files or counts; an unknown model name
+        print(f"pixelrefer ask: error: {exc}", file=sys.stderr)
+        return 2
+    print(answer.text.strip())
+    return 0
+
+
 def _usage(parser: argparse.ArgumentParser) -> int:
     parser.print_help(sys.stderr)
     return 2
@@ -84,6 +129,7 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pixelrefer", description="PixelRefer workbench")
     commands = parser.add_subparsers(dest="command", parser_class=_Parser)
+    _add_ask(commands)
     _add_notebooks(commands)
     data_commands.add_parser(commands)
     convert_commands.add_parser(commands)
