@@ -817,6 +817,21 @@ def pretrain_language_model(model, processor: PixelReferProcessor, *, steps: int
     return losses
 
 
+def loss_histories(output_dir: str | Path) -> dict[str, list[float]]:
+    """{stage: losses, one per step} of every stage a run in `output_dir` has finished, in the order they ran:
+    `vision_pretrain`, `llm_pretrain`, the main stage (`final`), then `media_stage`, `media_stage_2`, …"""
+    output_dir = Path(output_dir)
+    names = [VISION_PRETRAIN, LLM_PRETRAIN, "final"]
+    media = sorted((p.parent.name for p in output_dir.glob(f"{MEDIA_STAGE}*/loss_history.json")),
+                   key=lambda name: int(name.rpartition("_")[2]) if name != MEDIA_STAGE else 1)
+    histories = {}
+    for name in names + media:
+        path = output_dir / name / "loss_history.json"
+        if path.is_file():
+            histories[name] = json.loads(path.read_text())
+    return histories
+
+
 def save_stage(folder: Path, filename: str, module: torch.nn.Module, losses: list[float],
                prefixes: tuple[str, ...] = ("",)) -> None:
     """Write a pre-training stage's folder atomically: `module`'s parameters under `prefixes` in `filename`
@@ -1028,6 +1043,9 @@ class Trainer:
             self.save_model(final)
             if acc.is_main_process:
                 atomic_write_text(final / "loss_history.json", json.dumps(self.losses))
+                from pixelrefer.visualize import plot_loss_histories, save_figure
+
+                save_figure(plot_loss_histories(loss_histories(self.output)), final / "loss.png")
         return TrainResult(self.losses, final, self.skipped, time.perf_counter() - started)
 
     # ------------------------------------------------------------ stage 0 and the LLM stage

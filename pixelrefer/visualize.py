@@ -52,6 +52,27 @@ def show_crops(crops: list[ObjectCrop], names: list[str], patch: int) -> plt.Fig
     return fig
 
 
+def plot_loss_histories(histories: dict[str, list[float]]) -> plt.Figure:
+    """One panel per training stage (`training.loss_histories`): its loss at every step, and a 50-step mean."""
+    if not histories:
+        raise ValueError("no loss history to plot")
+    columns = min(3, len(histories))
+    rows = -(-len(histories) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 2.8 * rows), squeeze=False)
+    for ax, (name, losses) in zip(axes.flat, histories.items()):
+        steps = np.arange(1, len(losses) + 1)
+        ax.plot(steps, losses, lw=0.6, alpha=0.5)
+        if len(losses) >= 50:
+            ax.plot(steps[49:], np.convolve(losses, np.ones(50) / 50, mode="valid"), lw=1.2)
+        ax.set_title("main stage" if name == "final" else name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_ylabel("loss", fontsize=8)
+    for ax in list(axes.flat)[len(histories):]:
+        ax.set_axis_off()
+    fig.tight_layout()
+    return fig
+
+
 def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 120) -> Path:
     """Write `fig` as PNG to `path` atomically and close it."""
     path = Path(path)

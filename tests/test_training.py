@@ -205,6 +205,12 @@ def test_presets_and_the_train_command_generate_shapesworld_and_train(tmp_path, 
     assert '"task": "image_choice"' in (out / "shapesworld" / "train.json").read_text()
     assert len(json.loads((out / "final" / "loss_history.json").read_text())) == 2
     assert len(json.loads((out / "vision_pretrain" / "loss_history.json").read_text())) == 2
+    from pixelrefer.training import loss_histories
+
+    histories = loss_histories(out)  # every stage, in the order run, plotted beside the model
+    assert list(histories) == ["vision_pretrain", "llm_pretrain", "final", "media_stage"]
+    assert all(len(v) == 2 for v in histories.values())
+    assert (out / "final" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     after_stage_0 = load_file(out / "vision_pretrain" / "vision_encoder.safetensors")
     final = load_file(out / "final" / "model.safetensors")
     moved = [name for name, tensor in after_stage_0.items()
@@ -521,6 +527,24 @@ def test_task_weights_repeat_records_and_text_questions_join_the_pool(tmp_path):
     assert len(trainer.run().losses) == 2, "image and text-only records train in one batch"
     again = TextChoiceRecord(0, 3).load_media()
     assert again == trainer.samples[9].load_media() and again[1:] == (None, None, [])
+
+
+def test_loss_histories_come_in_stage_order_and_plot_one_panel_each(tmp_path):
+    from pixelrefer.training import atomic_write_text, loss_histories
+    from pixelrefer.visualize import plot_loss_histories
+
+    for name, n in [("media_stage_10", 3), ("final", 60), ("media_stage", 1), ("media_stage_2", 2),
+                    ("vision_pretrain", 4), ("unrelated", 5)]:
+        (tmp_path / name).mkdir()
+        atomic_write_text(tmp_path / name / "loss_history.json", json.dumps([1.0] * n))
+    histories = loss_histories(tmp_path)
+    assert list(histories) == ["vision_pretrain", "final", "media_stage", "media_stage_2", "media_stage_10"]
+    assert [len(v) for v in histories.values()] == [4, 60, 1, 2, 3]
+    fig = plot_loss_histories(histories)
+    titles = [ax.get_title() for ax in fig.axes if ax.axison]
+    assert titles == ["vision_pretrain", "main stage", "media_stage", "media_stage_2", "media_stage_10"]
+    with pytest.raises(ValueError, match="no loss history"):
+        plot_loss_histories({})
 
 
 def test_media_stage_follows_a_finished_run_and_trains_the_llm_alone(tmp_path):
